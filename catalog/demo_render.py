@@ -447,10 +447,11 @@ def render(spec: ProductSpec) -> np.ndarray:
     DRAWERS[spec.sub.key](canvas, spec)
 
     mask_img = canvas.mask.filter(ImageFilter.BoxBlur(0.6))
-    mask = np.asarray(mask_img, dtype=np.float32)[..., None] / 255.0
-    shadow = np.asarray(canvas.mask.filter(ImageFilter.BoxBlur(5)), dtype=np.float32)
-    shadow = np.roll(shadow, (4, 3), axis=(0, 1))[..., None] / 255.0
-    fabric = _pattern(rng, spec.pattern, base, second, mask[..., 0] > 0.5)
+    mask = np.asarray(mask_img, dtype=np.float32) / 255.0  # (H, W)
+    # A soft drop shadow; blurred at quarter size, where it costs a sixteenth.
+    small = canvas.mask.reduce(4).filter(ImageFilter.BoxBlur(1.2)).resize((SIZE, SIZE), Image.BILINEAR)
+    shadow = np.roll(np.asarray(small, dtype=np.float32), (4, 3), axis=(0, 1)) / 255.0
+    fabric = _pattern(rng, spec.pattern, base, second, mask > 0.5)
 
     # Soft studio light from one side, and a little low-frequency unevenness like folds.
     angle = rng.uniform(0, 2 * np.pi)
@@ -459,11 +460,12 @@ def render(spec: ProductSpec) -> np.ndarray:
     light += np.float32(0.07 * np.sin(angle)) * _RAMP[:, None] + np.float32(0.07 * np.cos(angle)) * _RAMP[None, :]
 
     # A darker rim just inside the silhouette reads as the garment's edge.
-    inner = np.asarray(mask_img.filter(ImageFilter.BoxBlur(1.2)), dtype=np.float32)[..., None] / 255.0
-    edge = np.clip(2 * (mask - inner), 0, 1)
-    bg = _background(rng) * (1 - 0.13 * shadow)
-    out = bg * (1 - mask) + fabric * (light[..., None] * mask)
-    out = out * (1 - 0.35 * edge)
+    inner = np.asarray(mask_img.filter(ImageFilter.BoxBlur(1.2)), dtype=np.float32) / 255.0
+    rim = 1 - 0.35 * np.clip(2 * (mask - inner), 0, 1)
+    # Weights are 2-D; only the two products with colours touch all three channels.
+    on_fabric = (light * mask * rim)[..., None]
+    on_backdrop = ((1 - mask) * rim * (1 - 0.13 * shadow))[..., None]
+    out = _background(rng) * on_backdrop + fabric * on_fabric
     image = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for stroke in canvas.later:

@@ -110,7 +110,7 @@ class PatchFeatureExtractor(torch.nn.Module):
     def extract(self, images: np.ndarray, precision: str = "fp32", device: torch.device | str = "cpu") -> np.ndarray:
         """numpy in, float16 numpy out; bf16 autocast when asked."""
         device = torch.device(device)
-        batch = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+        batch = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).to(device)  # a writable copy
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = self(batch)
         return out.float().cpu().numpy().astype(np.float16)

@@ -1,0 +1,80 @@
+"""Shared fixtures: small catalogs the tests write themselves, in both formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from fashionbert.catalog.demo import generate
+
+DATA = Path(__file__).parent / "data"
+FASHIONGEN_SAMPLE = DATA / "fashiongen_256_256_validation.h5"
+
+
+@pytest.fixture(scope="session")
+def demo_catalog(tmp_path_factory) -> Path:
+    """A 48-product demo catalog in the generic format (read-only: copy it before changing it)."""
+    return generate(tmp_path_factory.mktemp("demo") / "catalog", n=48, seed=3).out
+
+
+def solid_image(rgb, size=(64, 48)) -> Image.Image:
+    return Image.new("RGB", size, rgb)
+
+
+def write_jsonl(root: Path, rows: list[dict], images: dict[str, Image.Image | bytes] | None = None) -> Path:
+    """A generic catalog: rows as given, image files as given (default: a small solid image per row)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "images").mkdir(exist_ok=True)
+    images = images or {}
+    for row in rows:
+        rel = row.get("image") if isinstance(row, dict) else None
+        if not isinstance(rel, str) or not rel or (root / rel).exists():
+            continue
+        content = images.get(rel, solid_image((10 * len(rel), 80, 120)))
+        if isinstance(content, bytes):
+            (root / rel).write_bytes(content)
+        else:
+            content.save(root / rel)
+    with open(root / "catalog.jsonl", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n")
+    return root
+
+
+def product_row(i: int, **extra) -> dict:
+    return {"id": f"p{i}", "image": f"images/p{i}.png", "name": f"Navy shirt {i}",
+            "description": "Long sleeve shirt in navy.", "category": "TOPS", "subcategory": "SHIRTS", **extra}
+
+
+def write_fashiongen(path: Path, rows: list[dict]) -> Path:
+    """The public Fashion-Gen layout exactly: (N, 1) latin-1 byte strings, (N, 256, 256, 3) uint8."""
+    n = len(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("input_image", data=np.stack([r["image"] for r in rows]).astype(np.uint8))
+        f.create_dataset("input_productID", data=np.array([[r["pid"]] for r in rows], dtype=np.int32))
+        f.create_dataset("input_msrpUSD", data=np.array([[r.get("price", 10.0)] for r in rows], dtype=np.float32))
+        f.create_dataset("index", data=np.arange(n, dtype=np.int64).reshape(n, 1))
+        for key in ("name", "description", "category", "subcategory", "gender", "brand", "composition",
+                    "department", "season", "pose"):
+            values = [r.get(key, "").encode("latin-1") for r in rows]
+            width = max(1, max(len(v) for v in values))
+            f.create_dataset(f"input_{key}", data=np.array(values, dtype=f"S{width}").reshape(n, 1))
+        concat = [f"{r.get('name', '')} {r.get('description', '')}".encode("latin-1") for r in rows]
+        f.create_dataset("input_concat_description", data=np.array(concat).reshape(n, 1))
+    return path
+
+
+def fg_row(pid: int, pose: int = 1, colour=(200, 30, 40), **extra) -> dict:
+    image = np.zeros((256, 256, 3), dtype=np.uint8)
+    image[:] = colour
+    image[0, 0] = (pose, pid % 256, 0)  # every row's pixels differ
+    return {"pid": pid, "pose": f"id_gridfs_{pose}", "image": image, "name": f"Red crêpe coat {pid}",
+            "description": "Long sleeve coat in red. Notched lapel.", "category": "JACKETS & COATS",
+            "subcategory": "COATS", "gender": "WOMEN", "brand": "Côté", "composition": "100% wool",
+            "department": "CLOTHING", "season": "FW2017", **extra}

@@ -1,0 +1,152 @@
+"""Patch features: shapes per mode, the content-hash cache, resume after interruption, atomic writes."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fashionbert.catalog.images import to_model_image
+from fashionbert.catalog.readers import open_catalog
+from fashionbert.model.feature_store import FeatureCacheError, FeatureStore, compute_features
+from fashionbert.model.features import FeatureConfig, PatchFeatureExtractor
+
+
+@pytest.fixture(scope="module")
+def grid_extractor():
+    return PatchFeatureExtractor(FeatureConfig("grid"))
+
+
+@pytest.fixture
+def catalog_dir(demo_catalog, tmp_path):
+    """A private 12-product copy of the demo catalog, free to change."""
+    root = tmp_path / "cat"
+    shutil.copytree(demo_catalog, root)
+    lines = (root / "catalog.jsonl").read_text().splitlines()[:12]
+    (root / "catalog.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_modes_give_the_documented_shapes(demo_catalog):
+    images = np.stack([to_model_image(it.image) for it, _ in zip(open_catalog(demo_catalog).items(), range(2))])
+    grid = PatchFeatureExtractor(FeatureConfig("grid")).extract(images)
+    glob = PatchFeatureExtractor(FeatureConfig("global")).extract(images)
+    crop = PatchFeatureExtractor(FeatureConfig("crop", crop_size=64)).extract(images)
+    assert grid.shape == crop.shape == (2, 64, 1280) and glob.shape == (2, 1, 1280)
+    assert grid.dtype == np.float16
+    # global is the mean of the grid cells: the same map, pooled
+    np.testing.assert_allclose(grid.astype(np.float32).mean(1), glob[:, 0].astype(np.float32), atol=2e-3)
+    # patches see different things: the background corner differs from the garment centre
+    assert np.abs(grid[0, 0].astype(float) - grid[0, 27].astype(float)).mean() > 0.05
+    assert not np.allclose(grid, crop, atol=0.05)
+
+
+def test_pretrained_weights_are_loaded_not_random(grid_extractor):
+    """An untrained net would give the same (near-constant) response to a stripe and a plain patch."""
+    plain = np.full((1, 256, 256, 3), 200, np.uint8)
+    striped = plain.copy()
+    striped[0, ::8] = 20
+    a, b = grid_extractor.extract(plain), grid_extractor.extract(striped)
+    assert np.abs(a.astype(float) - b.astype(float)).mean() > 0.1
+    conv = grid_extractor.net._conv_stem.weight
+    assert conv.abs().mean() > 0.05 and conv.std() > 0.1
+
+
+def test_cache_hits_misses_and_drops(catalog_dir, grid_extractor, tmp_path):
+    out = tmp_path / "feats.h5"
+    catalog = open_catalog(catalog_dir)
+    first = compute_features(catalog, out, grid_extractor, precision="fp32", progress=False)
+    assert (first.computed, first.reused, first.total) == (12, 0, 12)
+    with FeatureStore(out) as store:
+        ids = store.ids
+        before = store.get(ids)
+        assert store.shape == (12, 64, 1280) and before.dtype == np.float16
+        assert store.attrs["mode"] == "grid" and store.attrs["precision"] == "fp32"
+    # The stored features are the CNN's output for that item's image.
+    item = next(it for it in catalog.items() if it.id == ids[3])
+    np.testing.assert_allclose(before[3].astype(np.float32),
+                               grid_extractor.extract(to_model_image(item.image)[None])[0].astype(np.float32), atol=1e-2)
+
+    again = compute_features(open_catalog(catalog_dir), out, grid_extractor, precision="fp32", progress=False)
+    assert (again.computed, again.reused) == (0, 12)
+
+    # Change one image, remove one product: exactly that one is recomputed, the other dropped.
+    changed = catalog_dir / f"images/{ids[5]}.png"
+    img = np.asarray(Image.open(changed)).copy()
+    img[100:140, 100:140] = (255, 0, 0)
+    Image.fromarray(img).save(changed)
+    lines = (catalog_dir / "catalog.jsonl").read_text().splitlines()
+    (catalog_dir / "catalog.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    third = compute_features(open_catalog(catalog_dir), out, grid_extractor, precision="fp32", progress=False)
+    assert (third.computed, third.reused, third.dropped, third.total) == (1, 10, 1, 11)
+    with FeatureStore(out) as store:
+        after = store.get(ids[:11])
+    assert not np.allclose(after[5], before[5], atol=1e-2)
+    np.testing.assert_array_equal(np.delete(after, 5, 0), np.delete(before[:11], 5, 0))
+
+
+def test_split_selection_keeps_the_other_split(catalog_dir, grid_extractor, tmp_path):
+    out = tmp_path / "f.h5"
+    catalog = open_catalog(catalog_dir)
+    n_train = len(catalog.records("train"))
+    compute_features(catalog, out, grid_extractor, precision="fp32", split="train", progress=False)
+    run = compute_features(catalog, out, grid_extractor, precision="fp32", split="validation", progress=False)
+    assert run.total == 12 and run.computed == 12 - n_train
+
+
+class Interrupting:
+    """The real extractor, with a power cut after a number of batches."""
+
+    def __init__(self, inner, batches):
+        self.inner, self.left = inner, batches
+
+    def extract(self, *args, **kwargs):
+        if self.left == 0:
+            raise KeyboardInterrupt
+        self.left -= 1
+        return self.inner.extract(*args, **kwargs)
+
+
+def test_interrupted_run_resumes_and_keeps_the_last_good_file(catalog_dir, grid_extractor, tmp_path):
+    out = tmp_path / "f.h5"
+    catalog = open_catalog(catalog_dir)
+    compute_features(catalog, out, grid_extractor, precision="fp32", progress=False)
+    with FeatureStore(out) as store:
+        good = store.get(store.ids)
+    # Every image changes (a new catalog version); the update is cut off after 2 of 3 batches.
+    for p in (catalog_dir / "images").glob("*.png"):
+        img = np.asarray(Image.open(p)).copy()
+        img[:16] = 0
+        Image.fromarray(img).save(p)
+    catalog = open_catalog(catalog_dir)
+    with pytest.raises(KeyboardInterrupt):
+        compute_features(catalog, out, Interrupting(grid_extractor, 2), precision="fp32", batch_size=4, part_size=4,
+                         progress=False)
+    with FeatureStore(out) as store:  # the old file is intact and readable
+        np.testing.assert_array_equal(store.get(store.ids), good)
+    resumed = compute_features(catalog, out, grid_extractor, precision="fp32", batch_size=4, part_size=4, progress=False)
+    assert (resumed.resumed, resumed.computed) == (8, 4)
+    assert not (tmp_path / "f.h5.parts").exists()
+    fresh = compute_features(catalog, tmp_path / "fresh.h5", grid_extractor, precision="fp32", progress=False)
+    with FeatureStore(out) as a, FeatureStore(fresh.path) as b:
+        np.testing.assert_allclose(a.get(a.ids).astype(np.float32), b.get(a.ids).astype(np.float32), atol=1e-2)
+
+
+def test_other_settings_are_not_mixed_in(catalog_dir, tmp_path):
+    out = tmp_path / "f.h5"
+    catalog = open_catalog(catalog_dir)
+    glob = PatchFeatureExtractor(FeatureConfig("global"))
+    compute_features(catalog, out, glob, mode="global", precision="fp32", progress=False)
+    with pytest.raises(FeatureCacheError, match="mode: global here, grid asked"):
+        compute_features(catalog, out, mode="grid", precision="fp32", progress=False)
+    with FeatureStore(out) as store:
+        assert store.shape == (12, 1, 1280)
+        with pytest.raises(FeatureCacheError, match="no features for item 'nope'"):
+            store.get(["nope"])
+    with pytest.raises(FeatureCacheError, match="no feature file here"):
+        FeatureStore(tmp_path / "missing.h5")
+    (tmp_path / "junk.h5").write_bytes(b"junk")
+    with pytest.raises(FeatureCacheError, match="not a feature file"):
+        FeatureStore(tmp_path / "junk.h5")
