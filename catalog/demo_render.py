@@ -269,7 +269,7 @@ def draw_jacket(c: Canvas, s: ProductSpec) -> None:
         c.outline([(42, 20), (41, 10), (45, 6), (55, 6), (59, 10), (58, 20)], 0.7)
     c.fabric([(32, 20), (68, 20), (69, hem), (31, hem)])
     _sleeves(c, "long", (32, 20), length_y=74)
-    if d["hood"] == "collar":
+    if d["hood"] == "stand collar":
         collar = [(41, 12), (59, 12), (60, 21), (40, 21)]
         c.fabric(collar)
         c.outline(collar, 0.7)

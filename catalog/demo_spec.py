@@ -179,7 +179,7 @@ SUBCATEGORIES: tuple[Subcategory, ...] = (
         {"closure": {"zip": ("zip", ("a zip closure", "a full-length zip at front")),
                      "buttons": ("", ("a button closure", "buttons at front"))},
          "hood": {"hooded": ("hooded", ("a drawstring hood", "an attached hood")),
-                  "collar": ("", ("a stand collar", "a high stand collar"))},
+                  "stand collar": ("", ("a stand collar", "a high stand collar"))},
          "pockets": {"flap pockets": ("", ("flap pockets at the waist", "two flap pockets")),
                      "no pockets": ("", ("no outer pockets", "a clean front"))}},
         ("hood", "closure"),

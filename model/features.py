@@ -13,7 +13,9 @@ Patches are in row-major order: patch k covers row k // 8, column k % 8 of the g
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,8 +57,10 @@ def _efficientnet(image_size: int) -> torch.nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
     # image_size fixes the static "same" padding the TF-ported weights expect at that size.
-    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-                                       image_size=image_size)
+    # The package prints a line on load; our own log says what happened.
+    with contextlib.redirect_stdout(io.StringIO()):
+        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+                                           image_size=image_size)
     return net.eval().requires_grad_(False)
 
 
