@@ -28,6 +28,14 @@ def pick_items(catalog: Catalog, n: int, split: str = "all") -> list:
     return [items[i] for i in chosen if i in items]
 
 
+def _font(name: str, size: int):
+    """DejaVu where the system has it (it draws every latin-1 letter), else Pillow's own font."""
+    try:
+        return ImageFont.truetype(name, size)
+    except OSError:
+        return ImageFont.load_default(size=size)
+
+
 def contact_sheet(catalog: Catalog, out: str | Path, n: int = 16, columns: int = 4, split: str = "all") -> Path:
     items = pick_items(catalog, n, split)
     if not items:
@@ -35,7 +43,7 @@ def contact_sheet(catalog: Catalog, out: str | Path, n: int = 16, columns: int =
     rows = -(-len(items) // columns)
     sheet = Image.new("RGB", (columns * (CELL_W + PAD) + PAD, rows * (IMAGE_H + TEXT_H + PAD) + PAD), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    bold, regular = ImageFont.load_default(size=13), ImageFont.load_default(size=11)
+    bold, regular = _font("DejaVuSans-Bold.ttf", 12), _font("DejaVuSans.ttf", 10)
     for k, item in enumerate(items):
         x = PAD + (k % columns) * (CELL_W + PAD)
         y = PAD + (k // columns) * (IMAGE_H + TEXT_H + PAD)

