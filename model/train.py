@@ -1,0 +1,491 @@
+"""`fashionbert train`: multitask FashionBERT training (MLM, MPM, TIA, ITC) with the adaptive loss.
+
+One step, on a batch of products drawn a few subcategories at a time (so in-batch negatives are
+fine-grained ones):
+
+1. ITC: text tower and image tower over the whole batch, symmetric InfoNCE.
+2. TIA: for the first `cross_texts` texts, the cross-encoder sees the true image (with 15% of the
+   words masked for MLM and 10% of the patches zeroed for MPM), the batch's hardest negative by
+   two-tower similarity, and a random other product of the same subcategory. One forward pass.
+3. The task losses are weighted by the adaptive rule (model/adaptive_loss.py) and summed.
+
+The run directory holds `model/` (the best weights so far: safetensors + config.json + tokenizer),
+`checkpoint/` (weights, optimiser and counters, for resuming), `log.jsonl` (losses and weights
+every step), `loss_weights.png` and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..catalog.readers import open_catalog
+from .adaptive_loss import AdaptiveLossWeights
+from .data import SplitData, default_features_path, ensure_features, load_split
+from .feature_store import FeatureStore
+from .features import resolve_precision
+from .fashionbert import FashionBert, from_pretrained_bert, load_model, save_model
+from .tokenizer import CaptionTokenizer
+
+log = logging.getLogger(__name__)
+TASKS = ("mlm", "mpm", "tia", "itc")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass
+class TrainConfig:
+    feature_mode: str = "grid"
+    backbone: str | None = None  # a local Hugging Face BERT directory; None = the MiniLM package
+    layers: int | None = None  # keep the first N layers of the backbone (None = all)
+    tasks: tuple[str, ...] = TASKS
+    loss_weighting: str = "adaptive"
+    batch_size: int = 48  # products per step: ITC's in-batch negatives
+    subcategories_per_batch: int = 4
+    cross_texts: int = 16  # texts per step through the cross-encoder, each with 1 positive + 2 negatives
+    lr_backbone: float = 1e-4
+    lr_new: float = 1e-3  # patch embeddings and heads start from scratch: a higher rate
+    weight_decay: float = 0.01
+    warmup: float = 0.06  # share of the run
+    clip: float = 1.0
+    epochs: int = 20
+    max_minutes: float = 12.5  # the training loop's wall-clock budget, validation included
+    patience: int = 2  # epochs without a better validation score before stopping
+    mlm_prob: float = 0.15
+    mpm_prob: float = 0.10
+    max_text_len: int = 64
+    val_products: int = 400
+    val_queries: int = 100
+    checkpoint_minutes: float = 3.0
+    precision: str = "auto"
+    device: str = "cpu"
+    seed: int = 0
+    max_train_products: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(d) - set(known)
+        if unknown:
+            raise ValueError(f"unknown training options: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if "tasks" in d:
+            d["tasks"] = tuple(d["tasks"])
+        return cls(**d)
+
+    def validate(self) -> None:
+        bad = set(self.tasks) - set(TASKS)
+        if bad or not self.tasks:
+            raise ValueError(f"tasks must be a non-empty subset of {', '.join(TASKS)}")
+        if self.feature_mode not in ("grid", "crop", "global"):
+            raise ValueError("feature_mode must be grid, crop or global")
+        if self.batch_size < 2 or not 1 <= self.cross_texts <= self.batch_size:
+            raise ValueError("need batch_size >= 2 and 1 <= cross_texts <= batch_size")
+        if self.max_minutes <= 0 or self.epochs < 1:
+            raise ValueError("max_minutes must be positive and epochs at least 1")
+
+
+# Masking -----------------------------------------------------------------------------------------
+
+
+def whole_word_mask(ids: torch.Tensor, word_ids: list[list[int | None]], prob: float, tok: CaptionTokenizer,
+                    rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's 80/10/10 masking of whole words (every piece of a chosen word): inputs and labels (-100 = no loss)."""
+    inputs, labels = ids.clone(), torch.full_like(ids, -100)
+    for r, words in enumerate(word_ids):
+        present = sorted({w for w in words[: ids.shape[1]] if w is not None})
+        if not present:
+            continue
+        chosen = set(rng.choice(present, max(1, round(prob * len(present))), replace=False).tolist())
+        for t, w in enumerate(words[: ids.shape[1]]):
+            if w in chosen:
+                labels[r, t] = ids[r, t]
+                u = rng.random()
+                if u < 0.8:
+                    inputs[r, t] = tok.mask_id
+                elif u < 0.9:
+                    inputs[r, t] = int(rng.integers(1000, tok.vocab_size))  # a random ordinary word piece
+    return inputs, labels
+
+
+def mask_patches(feats: torch.Tensor, prob: float, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero ~prob of the patches (at least one per image when there are several): inputs and the mask (B, P)."""
+    b, p, _ = feats.shape
+    masked = torch.from_numpy(rng.random((b, p)) < prob)
+    if p > 1:
+        none = ~masked.any(1)
+        masked[none, torch.from_numpy(rng.integers(0, p, int(none.sum())))] = True
+    return feats.masked_fill(masked[..., None], 0.0), masked
+
+
+# One step ----------------------------------------------------------------------------------------
+
+
+def contrastive_loss(t: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE; other images of the same product are neither positives nor negatives."""
+    logits = scale.exp().clamp(max=100) * t @ v.T
+    logits = logits.masked_fill(same & ~torch.eye(len(t), dtype=torch.bool), float("-inf"))
+    target = torch.arange(len(t))
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def pick_negatives(sim: torch.Tensor, product: np.ndarray, subcategory: np.ndarray, n: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """For each of the first n texts: the hardest other product's image, and a random same-subcategory one."""
+    s = sim.detach().float().clone()
+    s[torch.from_numpy(product[:, None] == product[None, :])] = float("-inf")
+    hard = s[:n].argmax(1).numpy()
+    rand = np.empty(n, dtype=int)
+    for i in range(n):
+        pool = np.flatnonzero((subcategory == subcategory[i]) & (product != product[i]) & (np.arange(len(product)) != hard[i]))
+        if len(pool) == 0:
+            pool = np.flatnonzero(product != product[i])
+        rand[i] = rng.choice(pool)
+    return hard, rand
+
+
+def step_losses(model: FashionBert, data: SplitData, rows: np.ndarray, cfg: TrainConfig, tok: CaptionTokenizer,
+                rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    ids, mask = data.texts(rows)
+    feats = data.feats[rows].float()
+    product, subcat = data.product[rows], data.subcategory[rows]
+    losses: dict[str, torch.Tensor] = {}
+
+    t = model.text_embedding(ids, mask)  # (B, E)
+    v = model.image_embedding(feats)  # (B, E)
+    sim = t @ v.T
+    if "itc" in cfg.tasks:
+        same = torch.from_numpy(product[:, None] == product[None, :])
+        losses["itc"] = contrastive_loss(t, v, model.itc.logit_scale, same)
+
+    if not {"tia", "mlm", "mpm"} & set(cfg.tasks):
+        return losses
+    c = cfg.cross_texts
+    hard, rand = pick_negatives(sim, product, subcat, c, rng)
+    n_pairs = 3 * c if "tia" in cfg.tasks else c
+    cross_rows = np.concatenate([np.arange(c), np.arange(c), np.arange(c)])[:n_pairs]
+    cross_ids, cross_mask = ids[cross_rows], mask[cross_rows]
+    cross_feats = torch.cat([feats[:c], feats[hard], feats[rand]])[:n_pairs]
+    # Negatives are masked exactly like positives: otherwise "has [MASK] tokens" would mean "matches".
+    mlm_labels = patch_masked = None
+    if "mlm" in cfg.tasks:
+        cross_ids, mlm_labels = whole_word_mask(cross_ids, [data.word_ids[rows[r]] for r in cross_rows], cfg.mlm_prob,
+                                                tok, rng)
+    if "mpm" in cfg.tasks:
+        cross_feats, patch_masked = mask_patches(cross_feats, cfg.mpm_prob, rng)
+    hidden, _, first_patch = model.cross(cross_ids, cross_mask, cross_feats)
+
+    if "tia" in cfg.tasks:
+        logits = model.tia(hidden[:, 0]).float()
+        labels = torch.cat([torch.ones(c), torch.zeros(2 * c)])
+        per_pair = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        losses["tia"] = (per_pair[:c].mean() + per_pair[c:].mean()) / 2  # positives and negatives count equally
+    # MLM and MPM learn from the matching pairs only: a mismatched image says nothing about the words.
+    if mlm_labels is not None:
+        where = mlm_labels[:c] != -100
+        text_hidden = hidden[:c, : mlm_labels.shape[1]]  # text comes first in every packed row
+        losses["mlm"] = F.cross_entropy(model.mlm(text_hidden[where]).float(), mlm_labels[:c][where])
+    if patch_masked is not None:
+        b_idx, p_idx = torch.nonzero(patch_masked[:c], as_tuple=True)
+        predicted = model.mpm(hidden[b_idx, first_patch[b_idx] + p_idx]).float()
+        target = feats[b_idx, p_idx]
+        losses["mpm"] = F.kl_div(F.log_softmax(predicted, -1), F.softmax(target, -1), reduction="batchmean")
+    return losses
+
+
+# Batches and validation --------------------------------------------------------------------------
+
+
+def epoch_batches(data: SplitData, cfg: TrainConfig, epoch: int) -> list[np.ndarray]:
+    """Batches of products drawn `subcategories_per_batch` subcategories at a time; one random pose per product."""
+    rng = np.random.default_rng([cfg.seed, epoch, 7])
+    rows_of: dict[int, list[int]] = {}
+    for row, p in enumerate(data.product):
+        rows_of.setdefault(int(p), []).append(row)
+    per_sub = max(1, cfg.batch_size // cfg.subcategories_per_batch)
+    chunks = []
+    by_sub: dict[int, list[int]] = {}
+    for p, rows in rows_of.items():
+        by_sub.setdefault(int(data.subcategory[rows[0]]), []).append(p)
+    for products in by_sub.values():
+        products = rng.permutation(products)
+        chunks += [products[i : i + per_sub] for i in range(0, len(products), per_sub)]
+    order = rng.permutation(len(chunks))
+    batches, current = [], []
+    for k in order:
+        current.extend(int(rng.choice(rows_of[int(p)])) for p in chunks[k])
+        if len(current) >= cfg.batch_size:
+            batches.append(np.array(current[: cfg.batch_size]))
+            current = []
+    return batches
+
+
+@torch.inference_mode()
+def embed_split(model: FashionBert, data: SplitData, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    texts, images = [], []
+    for i in range(0, len(data), batch):
+        rows = np.arange(i, min(len(data), i + batch))
+        texts.append(model.text_embedding(*data.texts(rows)))
+        images.append(model.image_embedding(data.feats[rows].float()))
+    return torch.cat(texts).float(), torch.cat(images).float()
+
+
+@torch.inference_mode()
+def match_scores(model: FashionBert, data: SplitData, text_rows, image_rows, batch: int = 64) -> np.ndarray:
+    """Cross-encoder match probability for each (text row, image row) pair."""
+    text_rows, image_rows = np.asarray(text_rows), np.asarray(image_rows)
+    out = []
+    for i in range(0, len(text_rows), batch):
+        t, v = text_rows[i : i + batch], image_rows[i : i + batch]
+        ids, mask = data.texts(t)
+        out.append(torch.sigmoid(model.match_logits(ids, mask, data.feats[v].float()).float()))
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def quick_validation(model: FashionBert, data: SplitData, cfg: TrainConfig, autocast) -> dict[str, float]:
+    """Two-tower R@1 over the validation subset, and R@1 after reranking its top 10 with the cross-encoder."""
+    model.eval()
+    with autocast():
+        t, v = embed_split(model, data)
+        sim = (t.float() @ v.float().T).numpy()
+        same = data.product[:, None] == data.product[None, :]
+        best_true = np.where(same, sim, -np.inf).max(1)
+        two_tower_r1 = float(np.mean((np.where(same, -np.inf, sim) < best_true[:, None]).all(1)))
+        queries = np.random.default_rng(cfg.seed).choice(len(data), min(cfg.val_queries, len(data)), replace=False)
+        hits = 0
+        for q in queries:
+            top = np.argsort(-sim[q])[:10]
+            scores = match_scores(model, data, np.full(len(top), q), top)
+            hits += bool(data.product[top[int(np.argmax(scores))]] == data.product[q])
+    model.train()
+    rerank_r1 = hits / len(queries)
+    return {"two_tower_r1": two_tower_r1, "rerank_r1": rerank_r1, "score": (two_tower_r1 + rerank_r1) / 2}
+
+
+# The loop ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    elapsed: float = 0.0
+    best_score: float = -1.0
+    bad_epochs: int = 0
+    history: list = field(default_factory=list)
+    stopped: str = ""
+
+
+def _lr_factor(progress: float, warmup: float) -> float:
+    if progress < warmup:
+        return max(progress / warmup, 0.01)
+    return max(0.0, (1 - progress) / (1 - warmup))
+
+
+def _save_checkpoint(run: Path, model, optimizer, state: TrainState, weighting, cfg: TrainConfig) -> None:
+    tmp = run / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "state": asdict(state), "weights": weighting.weights,
+                "config": asdict(cfg), "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
+    final, old = run / "checkpoint", run / "checkpoint.old"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)  # the rename is the commit point: a crash before it keeps the previous checkpoint
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_best(run: Path, model, cfg: TrainConfig, bert_dir: Path, metrics: dict) -> None:
+    tmp = run / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp, extra={"train": asdict(cfg), "validation": metrics})
+    for name in TOKENIZER_FILES:
+        if (bert_dir / name).is_file():
+            shutil.copy(bert_dir / name, tmp / name)
+    old = run / "model.old"
+    if (run / "model").exists():
+        (run / "model").rename(old)
+    tmp.rename(run / "model")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def plot_weights(log_path: Path, out: Path) -> None:
+    """Task weights over training, like the paper's Figure 4."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, (ax_w, ax_l) = plt.subplots(1, 2, figsize=(11, 4))
+    for task in rows[-1]["weights"]:
+        steps = [r["step"] for r in rows if task in r["weights"]]
+        ax_w.plot(steps, [r["weights"][task] for r in rows if task in r["weights"]], label=task.upper())
+        ax_l.plot(steps, [r["losses"][task] for r in rows if task in r["losses"]], label=task.upper())
+    ax_w.set(title="Adaptive loss weights", xlabel="step", ylabel="weight")
+    ax_l.set(title="Task losses", xlabel="step", ylabel="loss", yscale="log")
+    for ax in (ax_w, ax_l):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features_path: str | Path | None = None,
+          overwrite: bool = False, progress: bool = True) -> dict:
+    cfg.validate()
+    run = Path(run)
+    if overwrite and run.exists():
+        shutil.rmtree(run)
+    resume = (run / "checkpoint" / "trainer.pt").is_file()
+    if run.exists() and any(run.iterdir()) and not resume:
+        raise FileExistsError(f"{run} exists without a checkpoint to resume: pass --overwrite or choose another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+
+    catalog = open_catalog(catalog_path)
+    features_path = Path(features_path) if features_path else default_features_path(catalog_path, cfg.feature_mode)
+    ensure_features(catalog, features_path, cfg.feature_mode, progress=progress)
+    store = FeatureStore(features_path)
+
+    overrides = {"num_patches": store.shape[1], "patch_dim": store.shape[2], "max_text_len": cfg.max_text_len}
+    model, bert_dir = from_pretrained_bert(cfg.backbone, **overrides)
+    if cfg.layers:
+        if not 1 <= cfg.layers <= model.config.num_layers:
+            raise ValueError(f"layers must be between 1 and {model.config.num_layers}")
+        model.encoder.layer = model.encoder.layer[: cfg.layers]
+        model.config.num_layers = cfg.layers
+    tok = CaptionTokenizer(bert_dir / "tokenizer.json", cfg.max_text_len)
+    subcats: dict[str, int] = {}
+    train_data = load_split(catalog, "train", store, tok, subcats, limit=cfg.max_train_products, seed=cfg.seed)
+    val_data = load_split(catalog, "validation", store, tok, subcats, limit=cfg.val_products, seed=cfg.seed)
+    store.close()
+
+    backbone = {id(p) for p in model.backbone_parameters()}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) in backbone], "lr": cfg.lr_backbone, "base_lr": cfg.lr_backbone},
+        {"params": [p for n, p in model.named_parameters() if id(p) not in backbone and n != "itc.logit_scale"],
+         "lr": cfg.lr_new, "base_lr": cfg.lr_new},
+        {"params": [model.itc.logit_scale], "lr": cfg.lr_new, "base_lr": cfg.lr_new, "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    weighting = AdaptiveLossWeights(list(cfg.tasks), cfg.loss_weighting)
+    state = TrainState()
+    if resume:
+        ckpt = torch.load(run / "checkpoint" / "trainer.pt", map_location="cpu", weights_only=False)
+        if ckpt["config"] != asdict(cfg):
+            raise ValueError(f"{run} holds a run with other settings: pass --overwrite to start again")
+        resumed_model, _ = load_model(run / "checkpoint")
+        model.load_state_dict(resumed_model.state_dict())
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = TrainState(**ckpt["state"])
+        weighting.weights = ckpt["weights"]
+        torch.set_rng_state(ckpt["torch_rng"])
+        log.info("Resuming %s at epoch %d, step %d (%.1f of %.1f minutes used).", run, state.epoch + 1, state.step,
+                 state.elapsed / 60, cfg.max_minutes)
+    model.to(device).train()
+    shared = model.encoder.layer[-1].output.dense.weight  # where the adaptive rule reads gradient norms
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
+    batches_per_epoch = len(epoch_batches(train_data, cfg, 0))
+    total_steps = cfg.epochs * batches_per_epoch
+    budget = cfg.max_minutes * 60
+    log.info("Training on %d products (%d validation, subset of %d for per-epoch checks): %d steps per epoch, "
+             "at most %d epochs or %.1f minutes, %s, tasks %s, %s loss weights.", len(train_data),
+             len(catalog.records("validation")), len(val_data), batches_per_epoch, cfg.epochs, cfg.max_minutes,
+             precision, "+".join(cfg.tasks), cfg.loss_weighting)
+
+    log_file = open(run / "log.jsonl", "a")
+    last_ckpt = time.perf_counter()
+    started = time.perf_counter() - state.elapsed
+    try:
+        while state.epoch < cfg.epochs and not state.stopped:
+            batches = epoch_batches(train_data, cfg, state.epoch)
+            bar = tqdm(total=len(batches), initial=state.step_in_epoch, desc=f"Epoch {state.epoch + 1}",
+                       disable=not progress, unit="step", mininterval=1.0)
+            for rows in batches[state.step_in_epoch :]:
+                state.elapsed = time.perf_counter() - started
+                if state.elapsed > budget:
+                    state.stopped = f"time budget of {cfg.max_minutes} minutes reached"
+                    break
+                rng = np.random.default_rng([cfg.seed, state.step, 3])
+                factor = _lr_factor(max(state.step / total_steps, state.elapsed / budget), cfg.warmup)
+                for g in optimizer.param_groups:
+                    g["lr"] = g["base_lr"] * factor
+                with autocast():
+                    losses = step_losses(model, train_data, rows, cfg, tok, rng)
+                weights = weighting.update(losses, shared)
+                loss = weighting.combine(losses, weights)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                optimizer.step()
+                state.step += 1
+                state.step_in_epoch += 1
+                record = {"step": state.step, "epoch": state.epoch + 1, "elapsed": round(state.elapsed, 1),
+                          "lr_factor": round(factor, 4), "losses": {k: round(float(v.detach()), 4) for k, v in losses.items()},
+                          "weights": {k: round(w, 4) for k, w in weights.items()}}
+                log_file.write(json.dumps(record) + "\n")
+                bar.set_postfix_str(" ".join(f"{k}={record['losses'][k]:.3f}/w{weights[k]:.2f}" for k in losses))
+                bar.update(1)
+                if time.perf_counter() - last_ckpt > cfg.checkpoint_minutes * 60:
+                    log_file.flush()
+                    _save_checkpoint(run, model, optimizer, state, weighting, cfg)
+                    last_ckpt = time.perf_counter()
+            bar.close()
+            epoch_done = state.step_in_epoch >= len(batches)
+            metrics = quick_validation(model, val_data, cfg, autocast)
+            state.elapsed = time.perf_counter() - started
+            state.history.append({"epoch": state.epoch + 1, "step": state.step, "complete": epoch_done,
+                                  "minutes": round(state.elapsed / 60, 2), **metrics})
+            log.info("Epoch %d%s: validation two-tower R@1 %.3f, reranked R@1 %.3f (%.1f min).", state.epoch + 1,
+                     "" if epoch_done else " (partial)", metrics["two_tower_r1"], metrics["rerank_r1"], state.elapsed / 60)
+            if metrics["score"] > state.best_score:
+                state.best_score, state.bad_epochs = metrics["score"], 0
+                _save_best(run, model, cfg, bert_dir, metrics)
+            else:
+                state.bad_epochs += 1
+                if state.bad_epochs >= cfg.patience:
+                    state.stopped = f"no better validation score for {cfg.patience} epochs"
+            if epoch_done:
+                state.epoch += 1
+                state.step_in_epoch = 0
+            log_file.flush()
+            _save_checkpoint(run, model, optimizer, state, weighting, cfg)
+            last_ckpt = time.perf_counter()
+        state.stopped = state.stopped or f"{cfg.epochs} epochs done"
+    except KeyboardInterrupt:
+        log_file.flush()
+        _save_checkpoint(run, model, optimizer, state, weighting, cfg)
+        log.warning("Interrupted: checkpoint saved; run the same command again to resume.")
+        raise
+    finally:
+        log_file.close()
+
+    summary = {"stopped": state.stopped, "steps": state.step, "epochs": len(state.history),
+               "training_minutes": round(state.elapsed / 60, 2),
+               "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+               "best_validation": max(state.history, key=lambda h: h["score"]) if state.history else None,
+               "history": state.history, "precision": precision, "config": asdict(cfg),
+               "features": str(features_path), "catalog": str(catalog_path)}
+    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_weights(run / "log.jsonl", run / "loss_weights.png")
+    log.info("Training stopped (%s) after %d steps, %.1f minutes; best model in %s.", state.stopped, state.step,
+             state.elapsed / 60, run / "model")
+    return summary

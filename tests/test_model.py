@@ -1,0 +1,225 @@
+"""FashionBERT: shapes and masks, the tasks learn, weights round-trip, the adaptive rule, the protocol."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fashionbert.catalog.readers import open_catalog
+from fashionbert.model.adaptive_loss import AdaptiveLossWeights, closed_form_weights, objective
+from fashionbert.model.data import load_split, negatives_by_subcategory
+from fashionbert.model.evaluate import EvalConfig, auc, full_gallery, matching, paper_protocol, rank_of_positive, recall_at
+from fashionbert.model.fashionbert import (FashionBert, FashionBertConfig, default_backbone, from_pretrained_bert,
+                                           load_model, pack, save_model)
+from fashionbert.model.feature_store import FeatureStore, compute_features
+from fashionbert.model.features import FeatureConfig, PatchFeatureExtractor
+from fashionbert.model.tokenizer import CaptionTokenizer
+from fashionbert.model.train import TrainConfig, mask_patches, step_losses, whole_word_mask
+
+TINY = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return CaptionTokenizer(default_backbone() / "tokenizer.json", 64)
+
+
+@pytest.fixture(scope="module")
+def demo_data(demo_catalog, tmp_path_factory, tok):
+    """The 48-product demo catalog's train split with real grid features."""
+    path = tmp_path_factory.mktemp("feats") / "grid.h5"
+    catalog = open_catalog(demo_catalog)
+    compute_features(catalog, path, PatchFeatureExtractor(FeatureConfig("grid")), precision="bf16", progress=False)
+    with FeatureStore(path) as store:
+        return load_split(catalog, "train", store, tok, {})
+
+
+def tiny_model(seed=0, **kw) -> FashionBert:
+    torch.manual_seed(seed)
+    return FashionBert(FashionBertConfig(**{**TINY, **kw})).eval()
+
+
+def test_pack_puts_patches_right_after_each_text():
+    text = torch.arange(2 * 4 * 1, dtype=torch.float).view(2, 4, 1) + 100
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    patches = -torch.arange(1, 4, dtype=torch.float).view(1, 3, 1).expand(2, 3, 1)
+    seq, seq_mask, first = pack(text, mask, patches)
+    assert seq[0, :, 0].tolist()[:7] == [100, 101, 102, 103, -1, -2, -3]
+    assert seq[1, :5, 0].tolist() == [104, 105, -1, -2, -3]  # no padding between text and patches
+    assert seq_mask.tolist() == [[True] * 7, [True] * 5 + [False] * 2]
+    assert first.tolist() == [4, 2]
+
+
+def test_shapes_and_padding_is_invisible(tok):
+    model = tiny_model()
+    enc = tok(["navy striped long sleeve shirt with a spread collar", "red boots"])
+    ids, mask = torch.from_numpy(enc.ids), torch.from_numpy(enc.mask)
+    feats = torch.rand(2, 64, 1286)
+    hidden, seq_mask, first = model.cross(ids, mask, feats)
+    assert hidden.shape == (2, ids.shape[1] + 64, 32) and seq_mask.shape == hidden.shape[:2]
+    assert model.text_embedding(ids, mask).shape == (2, 256) and model.image_embedding(feats).shape == (2, 256)
+    assert torch.allclose(model.image_embedding(feats).norm(dim=-1), torch.ones(2))
+    with torch.no_grad():
+        batched = model.match_logits(ids, mask, feats)[1]
+        alone_enc = tok(["red boots"])
+        alone = model.match_logits(torch.from_numpy(alone_enc.ids), torch.from_numpy(alone_enc.mask), feats[1:])[0]
+        assert torch.allclose(batched, alone, atol=1e-5)  # padding changes nothing
+        junk = ids.clone()
+        junk[mask == 0] = 999  # whatever sits in the padding is never read
+        assert torch.allclose(model.match_logits(junk, mask, feats), model.match_logits(ids, mask, feats), atol=1e-6)
+        one = model.text_embedding(torch.from_numpy(alone_enc.ids), torch.from_numpy(alone_enc.mask))
+        assert torch.allclose(model.text_embedding(ids, mask)[1], one[0], atol=1e-5)
+    glob = tiny_model(num_patches=1)  # the object-level ablation: one global feature
+    assert glob.match_logits(ids, mask, torch.rand(2, 1, 1286)).shape == (2,)
+
+
+def test_pretrained_backbone_loads_and_keeps_its_sentence_sense(tok):
+    model, _ = from_pretrained_bert(None, dropout=0.0)
+    model.eval()
+    enc = tok(["navy striped long sleeve shirt", "a dark blue shirt with stripes and long sleeves", "red leather boots with a high heel"])
+    with torch.no_grad():
+        h = torch.nn.functional.normalize(model.text_hidden(torch.from_numpy(enc.ids), torch.from_numpy(enc.mask)), dim=-1)
+    sim = h @ h.T
+    assert sim[0, 1] > sim[0, 2] + 0.2  # paraphrases are close only if the weights really loaded
+    assert model.mlm.word_embeddings.weight is model.embeddings.word_embeddings.weight  # tied
+
+
+def test_a_few_steps_lower_every_task_loss(demo_data, tok):
+    model = tiny_model().train()
+    cfg = TrainConfig(batch_size=16, cross_texts=6, subcategories_per_batch=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    rows = np.arange(16)
+    first = last = None
+    for step in range(25):
+        losses = step_losses(model, demo_data, rows, cfg, tok, np.random.default_rng(step % 2))
+        loss = sum(losses.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        first = first or values
+        last = values
+    assert set(first) == {"mlm", "mpm", "tia", "itc"}
+    for task in first:
+        assert last[task] < first[task], (task, first[task], last[task])
+
+
+def test_masking_is_whole_words_and_patches(tok):
+    enc = tok(["double-breasted cashmere coat in navy with a belt at the waist"])
+    ids = torch.from_numpy(enc.ids)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        inputs, labels = whole_word_mask(ids, enc.word_ids, 0.3, tok, rng)
+        masked_words = {enc.word_ids[0][t] for t in range(ids.shape[1]) if labels[0, t] != -100}
+        for t, w in enumerate(enc.word_ids[0]):  # every piece of a chosen word, and nothing else
+            assert (labels[0, t] != -100) == (w in masked_words)
+        assert labels[0, 0] == -100 and labels[0, -1] == -100  # never [CLS] or [SEP]
+    feats = torch.ones(50, 64, 8)
+    out, masked = mask_patches(feats, 0.1, rng)
+    assert masked.any(1).all() and 0.05 < masked.float().mean() < 0.2
+    assert (out[masked] == 0).all() and (out[~masked] == 1).all()
+
+
+def test_save_and_load_give_identical_outputs(tmp_path, tok):
+    model = tiny_model(seed=3)
+    save_model(model, tmp_path / "m", extra={"note": "x"})
+    loaded, meta = load_model(tmp_path / "m")
+    assert meta["note"] == "x" and loaded.config == model.config
+    enc = tok(["navy shirt", "white sneakers with a gum sole"])
+    ids, mask, feats = torch.from_numpy(enc.ids), torch.from_numpy(enc.mask), torch.rand(2, 64, 1286)
+    with torch.no_grad():
+        assert torch.equal(model.match_logits(ids, mask, feats), loaded.match_logits(ids, mask, feats))
+        assert torch.equal(model.text_embedding(ids, mask), loaded.text_embedding(ids, mask))
+    assert loaded.mlm.word_embeddings.weight is loaded.embeddings.word_embeddings.weight
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        (tmp_path / "m" / "model.safetensors").unlink()
+        load_model(tmp_path / "m")
+
+
+def _numerical_minimum(g: np.ndarray, iters=20000, lr=0.01) -> np.ndarray:
+    """Projected gradient descent on the simplex, independent of the closed form."""
+    def project(v):
+        u = np.sort(v)[::-1]
+        css = np.cumsum(u)
+        k = np.nonzero(u * np.arange(1, len(v) + 1) > css - 1)[0][-1]
+        return np.maximum(v - (css[k] - 1) / (k + 1), 0)
+
+    w = np.full(len(g), 1 / len(g))
+    for _ in range(iters):
+        grad = -w * g + (len(g) * w - w.sum())
+        w = project(w - lr * grad)
+    return w
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_adaptive_closed_form_matches_numerical_minimum(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 6))
+    norms = rng.random(n) * rng.choice([0.01, 1, 100])
+    g = (norms / norms.sum()) ** 2  # the documented normalisation: each g_i in [0, 1]
+    closed = closed_form_weights(torch.tensor(g)).numpy()
+    numeric = _numerical_minimum(g)
+    np.testing.assert_allclose(closed, numeric, atol=1e-4)
+    assert objective(torch.tensor(closed), torch.tensor(g)) <= objective(torch.tensor(numeric), torch.tensor(g)) + 1e-9
+    assert abs(closed.sum() - 1) < 1e-9 and (closed > 0).all()
+
+
+def test_adaptive_weights_favour_the_task_with_the_larger_gradient():
+    shared = torch.nn.Parameter(torch.ones(3))
+    losses = {"a": (shared * 10).sum(), "b": (shared * 0.1).sum(), "c": shared.sum()}
+    w = AdaptiveLossWeights(["a", "b", "c"], "adaptive").update(losses, shared)
+    assert w["a"] > w["c"] > w["b"] and abs(sum(w.values()) - 1) < 1e-6
+    assert AdaptiveLossWeights(["a", "b", "c"], "fixed").update(losses, shared) == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
+    moderate = {"a": shared.sum(), "b": (shared * 0.1).sum(), "c": (shared * 0.5).sum()}  # 3, 0.3, 1.5
+    released = AdaptiveLossWeights(["a", "b", "c"], "released-code").update(moderate, shared)
+    assert released["a"] > released["c"] > released["b"]
+    with pytest.raises(ValueError, match="unknown loss weighting"):
+        AdaptiveLossWeights(["a"], "magic")
+
+
+# The evaluation protocol ---------------------------------------------------------------------------
+
+
+def test_ranking_metrics_by_hand():
+    assert rank_of_positive(np.array([0.9, 0.1, 0.95, 0.5])) == 2
+    assert rank_of_positive(np.array([0.5, 0.5, 0.1])) == 2  # a tie ranks against the query
+    assert recall_at([1, 3, 7, 12]) == {"R@1": 25.0, "R@5": 50.0, "R@10": 75.0}
+    assert auc(np.array([0.9, 0.8]), np.array([0.1, 0.85])) == 0.75
+    assert auc(np.array([0.5]), np.array([0.5])) == 0.5
+
+
+def test_negatives_come_from_the_same_subcategory_first(demo_data):
+    rng = np.random.default_rng(0)
+    for row in range(len(demo_data)):
+        same = int(((demo_data.subcategory == demo_data.subcategory[row]) & (demo_data.product != demo_data.product[row])).sum())
+        negs = negatives_by_subcategory(demo_data, row, 6, rng)
+        assert len(set(negs.tolist())) == 6 and demo_data.product[row] not in demo_data.product[negs]
+        in_sub = demo_data.subcategory[negs] == demo_data.subcategory[row]
+        assert in_sub.sum() == min(6, same) and in_sub[: min(6, same)].all()
+
+
+def test_protocol_against_a_hand_computed_ranking(demo_data):
+    """A scorer whose ranking we know: the protocol must report exactly the recall we compute by hand."""
+    n = len(demo_data)
+    prod = demo_data.product
+    # The true pair scores 0.5 + product/1000; negatives score their product/n. So the true pair beats
+    # every negative exactly when 0.5 + p/1000 > q/n for all negatives q, which fails for high q only.
+    def score(text_rows, image_rows):
+        true = prod[text_rows] == prod[image_rows]
+        return np.where(true, 0.5 + prod[text_rows] / 1000, prod[image_rows] / n + prod[text_rows] / 10**6)
+
+    cfg = EvalConfig(queries=n, negatives=n - 1, draws=2, gallery_queries=n, recall_n=n, rerank_k=n)
+    out = paper_protocol(score, demo_data, cfg, progress=False)
+    expected_ranks = [1 + sum(q / n >= 0.5 + p / 1000 for q in range(n) if q != p) for p in range(n)]
+    assert out["t2i"]["R@1"]["mean"] == pytest.approx(recall_at(expected_ranks)["R@1"])
+    assert out["t2i"]["R@1"]["std"] == 0  # every query is used in every draw: the draws agree
+    assert out["candidates"] == n
+
+    m = matching(score, demo_data, cfg)
+    assert m["pairs"] == 2 * n and m["accuracy"] > 50
+    # Full gallery: a two-tower that ranks every product's image last, and a reranker that fixes it.
+    sim = -np.eye(n)
+    g = full_gallery(score, sim, demo_data, cfg, progress=False)
+    assert g["two_tower_t2i"]["R@1"] == 0.0
+    assert g["reranked_t2i"]["R@1"] == pytest.approx(recall_at(expected_ranks)["R@1"])
