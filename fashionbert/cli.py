@@ -92,7 +92,7 @@ def cmd_train(args) -> int:
     options = json.loads(open(args.config).read()) if args.config else {}
     if not isinstance(options, dict):
         raise ValueError(f"{args.config}: expected a JSON object of training options")
-    for key in ("feature_mode", "layers", "loss_weighting", "max_minutes", "epochs", "batch_size", "seed", "device",
+    for key in ("feature_mode", "layers", "fusion_layers", "loss_weighting", "max_minutes", "epochs", "batch_size", "seed", "device",
                 "backbone", "max_train_products", "precision"):
         value = getattr(args, key)
         if value is not None:
@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--features", help="the feature cache (default: features/<mode>.h5 beside the catalog directory)")
     tr.add_argument("--feature-mode", dest="feature_mode", choices=["grid", "crop", "global"])
     tr.add_argument("--layers", type=int, help="keep the first N transformer layers of the backbone")
+    tr.add_argument("--fusion-layers", dest="fusion_layers", type=int,
+                    help="how many final layers attend across text and patches (= layers: the paper's full model)")
     tr.add_argument("--loss-weighting", dest="loss_weighting", choices=["adaptive", "released-code", "fixed"])
     tr.add_argument("--no-mpm", action="store_true", help="train without masked patch modelling (ablation)")
     tr.add_argument("--max-minutes", dest="max_minutes", type=float, help="wall-clock budget of the training loop")

@@ -30,7 +30,7 @@ from .feature_store import FeatureStore
 from .features import resolve_precision
 from .fashionbert import load_model
 from .tokenizer import CaptionTokenizer
-from .train import embed_split, match_scores
+from .train import PairScorer
 
 log = logging.getLogger(__name__)
 KS = (1, 5, 10)
@@ -128,12 +128,18 @@ def matching(score, data: SplitData, cfg: EvalConfig) -> dict:
     return {"accuracy": float(accuracy), "auc": auc(pos, neg), "pairs": int(2 * len(products))}
 
 
-def full_gallery(score, sim: np.ndarray, data: SplitData, cfg: EvalConfig, progress: bool = True) -> dict:
-    """`sim`: two-tower similarity of every caption (row) to every image (column) of the split."""
+def full_gallery(score, sim: np.ndarray, data: SplitData, cfg: EvalConfig, progress: bool = True,
+                 itc_scale: float | None = None) -> dict:
+    """`sim`: two-tower similarity of every caption (row) to every image (column) of the split.
+
+    With `itc_scale` (the towers' learned inverse temperature) a third pipeline is reported:
+    the rerank orders the top K by cross-encoder logit + itc_scale * two-tower cosine, the sum
+    of the two models' logits, with no weight fitted on evaluation data.
+    """
     products = one_row_per_product(data)
     rng = np.random.default_rng([cfg.seed, 42])
     queries = np.sort(rng.choice(products, min(cfg.gallery_queries, len(products)), replace=False))
-    two_tower, reranked = [], []
+    two_tower, reranked, fused = [], [], []
     for q in tqdm(queries, desc="Full-gallery rerank", unit="query", disable=not progress, mininterval=1.0):
         order = np.argsort(-sim[q], kind="stable")[: cfg.recall_n]
         two_tower.append(_first_hit(order, data.product, data.product[q]))
@@ -141,10 +147,18 @@ def full_gallery(score, sim: np.ndarray, data: SplitData, cfg: EvalConfig, progr
         scores = score(np.full(len(top), q), top)
         new_order = np.concatenate([top[np.argsort(-scores, kind="stable")], order[cfg.rerank_k :]])
         reranked.append(_first_hit(new_order, data.product, data.product[q]))
+        if itc_scale is not None:
+            p = np.clip(scores, 1e-7, 1 - 1e-7)
+            combined = np.log(p / (1 - p)) + itc_scale * sim[q, top]
+            fused.append(_first_hit(np.concatenate([top[np.argsort(-combined, kind="stable")], order[cfg.rerank_k :]]),
+                                    data.product, data.product[q]))
     i2t_sim = sim.T
     i2t = [_first_hit(np.argsort(-i2t_sim[q], kind="stable")[: cfg.recall_n], data.product, data.product[q]) for q in queries]
-    return {"queries": int(len(queries)), "gallery": int(len(data)), "N": cfg.recall_n, "K": cfg.rerank_k,
-            "two_tower_t2i": recall_at(two_tower), "reranked_t2i": recall_at(reranked), "two_tower_i2t": recall_at(i2t)}
+    out = {"queries": int(len(queries)), "gallery": int(len(data)), "N": cfg.recall_n, "K": cfg.rerank_k,
+           "two_tower_t2i": recall_at(two_tower), "reranked_t2i": recall_at(reranked), "two_tower_i2t": recall_at(i2t)}
+    if fused:
+        out["fused_t2i"] = recall_at(fused)
+    return out
 
 
 def _first_hit(order: np.ndarray, product: np.ndarray, target: int) -> int:
@@ -162,7 +176,10 @@ def markdown(result: dict) -> str:
     lines += ["", f"Text-image matching: accuracy {m['accuracy']:.2f}%, AUC {m['auc']:.3f} ({m['pairs']} pairs).", "",
               f"Full gallery ({g['queries']} caption queries against all {g['gallery']} validation images):", "",
               "| pipeline | R@1 | R@5 | R@10 |", "| --- | ---: | ---: | ---: |"]
-    for key, name in (("two_tower_t2i", "two-tower only"), ("reranked_t2i", f"two-tower top {g['N']} → cross-encoder rerank of top {g['K']}")):
+    rows = [("two_tower_t2i", "two-tower only"), ("reranked_t2i", f"two-tower top {g['N']} → cross-encoder rerank of top {g['K']}")]
+    if "fused_t2i" in g:
+        rows.append(("fused_t2i", f"same, reranked by cross-encoder logit + two-tower logit"))
+    for key, name in rows:
         lines.append(f"| {name} | " + " | ".join(f"{g[key][k]:.2f}" for k in ("R@1", "R@5", "R@10")) + " |")
     lines.append(f"| image → text, two-tower only | " + " | ".join(f"{g['two_tower_i2t'][k]:.2f}" for k in ("R@1", "R@5", "R@10")) + " |")
     return "\n".join(lines) + "\n"
@@ -187,13 +204,13 @@ def evaluate(run: str | Path, catalog_path: str | Path, cfg: EvalConfig, feature
     model.to(device)
     start = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        score = lambda text_rows, image_rows: match_scores(model, data, text_rows, image_rows)  # noqa: E731
-        t, v = embed_split(model, data)
-        sim = (t.float() @ v.float().T).numpy()
+        score = PairScorer(model, data)
+        sim = score.similarity()
         result = {"run": str(run), "split": cfg.split, "config": asdict(cfg), "precision": precision,
                   "paper_protocol": paper_protocol(score, data, cfg, progress),
                   "matching": matching(score, data, cfg),
-                  "full_gallery": full_gallery(score, sim, data, cfg, progress)}
+                  "full_gallery": full_gallery(score, sim, data, cfg, progress,
+                                               itc_scale=float(model.itc.logit_scale.exp().clamp(max=100)))}
     result["seconds"] = round(time.perf_counter() - start, 1)
     out_dir = run / "eval"
     out_dir.mkdir(exist_ok=True)

@@ -46,6 +46,13 @@ class FashionBertConfig:
     num_patches: int = GRID * GRID  # 1 for global features
     embed_dim: int = 256
     max_text_len: int = 64
+    # The last `fusion_layers` layers attend across text and patches; the ones below see one
+    # modality at a time. fusion_layers = num_layers is the paper's full single-stream model.
+    fusion_layers: int = 2
+
+    @property
+    def unimodal_layers(self) -> int:
+        return self.num_layers - min(self.fusion_layers, self.num_layers)
 
     @classmethod
     def from_hf_bert(cls, bert_config: dict, **overrides) -> "FashionBertConfig":
@@ -132,9 +139,10 @@ class Encoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(Layer(c) for _ in range(c.num_layers))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Layers start..end-1 (all by default)."""
         attn_mask = mask[:, None, None, :]  # (B, 1, 1, T)
-        for layer in self.layer:
+        for layer in self.layer[start:end]:
             x = layer(x, attn_mask)
         return x
 
@@ -205,13 +213,29 @@ class MPMHead(nn.Module):
 
 
 class TIAHead(nn.Module):
+    """Match logit from the joint pass: the paper's [CLS] classifier, plus the cosine of the pass's
+    mean text state and mean patch state through the ITC projections, times a learned scale.
+
+    The second term gives the reranker a head start: the projections are already aligned by ITC,
+    so the joint pass starts from the two-tower's judgement and attention refines it. With [CLS]
+    alone, the cross-encoder did not learn within the CPU budget (README, "Training").
+    """
+
     def __init__(self, c: FashionBertConfig):
         super().__init__()
         self.pooler = nn.Linear(c.hidden_size, c.hidden_size)
         self.classifier = nn.Linear(c.hidden_size, 1)
+        self.similarity_scale = nn.Parameter(torch.tensor(5.0))
 
-    def forward(self, cls):  # (B, H) -> (B,) match logit
-        return self.classifier(torch.tanh(self.pooler(cls))).squeeze(-1)
+    def forward(self, hidden: torch.Tensor, seq_mask: torch.Tensor, first_patch: torch.Tensor, itc: "ITCHead") -> torch.Tensor:
+        """hidden (B, L, H) of the packed sequence -> (B,) match logits."""
+        cls_logit = self.classifier(torch.tanh(self.pooler(hidden[:, 0]))).squeeze(-1)
+        j = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        text = j < first_patch[:, None]
+        patches = seq_mask & ~text
+        t = F.normalize(itc.text_proj(mean_pool(hidden, text)).float(), dim=-1)
+        v = F.normalize(itc.image_proj(mean_pool(hidden, patches)).float(), dim=-1)
+        return cls_logit.float() + self.similarity_scale * (t * v).sum(-1)
 
 
 class ITCHead(nn.Module):
@@ -277,31 +301,58 @@ class FashionBert(nn.Module):
         return list(self.embeddings.parameters()) + list(self.encoder.parameters())
 
     # Passes ------------------------------------------------------------------------------------
+    #
+    # Below layer n = config.unimodal_layers, text and patches are encoded apart ("states"); the
+    # towers carry those states through the remaining layers alone, the cross-encoder carries
+    # them through the same layers together. A search therefore computes a caption's states once
+    # and each catalog image's states at index time; a rerank only runs the fusion layers.
 
-    def cross(self, ids: torch.Tensor, mask: torch.Tensor, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The single-stream pass over text and patches -> hidden (B, T+P, H), mask, first patch index."""
-        seq, seq_mask, first_patch = pack(self.embeddings(ids), mask.bool(), self.patch_embeddings(feats))
-        return self.encoder(seq, seq_mask), seq_mask, first_patch
+    def text_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, H) states below the fusion layers."""
+        return self.encoder(self.embeddings(ids), mask.bool(), 0, self.config.unimodal_layers)
 
-    def match_logits(self, ids: torch.Tensor, mask: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        """The reranker: a match logit per (text, image) pair, (B,)."""
-        hidden, _, _ = self.cross(ids, mask, feats)
-        return self.tia(hidden[:, 0])
-
-    def text_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return mean_pool(self.encoder(self.embeddings(ids), mask.bool()), mask.bool())
-
-    def image_hidden(self, feats: torch.Tensor) -> torch.Tensor:
+    def image_states(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, P, D) patch features -> (B, P, H) states below the fusion layers."""
         mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
-        return self.encoder(self.patch_embeddings(feats), mask).mean(1)
+        return self.encoder(self.patch_embeddings(feats), mask, 0, self.config.unimodal_layers)
+
+    def text_embedding_from(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(states, mask.bool(), self.config.unimodal_layers)
+        return F.normalize(self.itc.text_proj(mean_pool(hidden, mask.bool())).float(), dim=-1)
+
+    def image_embedding_from(self, states: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
+        hidden = self.encoder(states, mask, self.config.unimodal_layers)
+        return F.normalize(self.itc.image_proj(hidden.mean(1)).float(), dim=-1)
 
     def text_embedding(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Text tower: (B, T) -> (B, E), L2-normalised."""
-        return F.normalize(self.itc.text_proj(self.text_hidden(ids, mask)).float(), dim=-1)
+        return self.text_embedding_from(self.text_states(ids, mask), mask)
 
     def image_embedding(self, feats: torch.Tensor) -> torch.Tensor:
         """Image tower: patch features (B, P, D) -> (B, E), L2-normalised."""
-        return F.normalize(self.itc.image_proj(self.image_hidden(feats)).float(), dim=-1)
+        return self.image_embedding_from(self.image_states(feats))
+
+    def fuse(self, text: torch.Tensor, mask: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The joint pass over text and patch states -> hidden (B, T+P, H), its mask, first patch index."""
+        seq, seq_mask, first_patch = pack(text, mask.bool(), patches)
+        return self.encoder(seq, seq_mask, self.config.unimodal_layers), seq_mask, first_patch
+
+    def match_logits_from(self, text: torch.Tensor, mask: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        hidden, seq_mask, first_patch = self.fuse(text, mask, patches)
+        return self.tia(hidden, seq_mask, first_patch, self.itc)
+
+    def cross(self, ids: torch.Tensor, mask: torch.Tensor, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The cross-encoder's pass from token ids and patch features."""
+        return self.fuse(self.text_states(ids, mask), mask, self.image_states(feats))
+
+    def match_logits(self, ids: torch.Tensor, mask: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """The reranker: a match logit per (text, image) pair, (B,)."""
+        return self.match_logits_from(self.text_states(ids, mask), mask, self.image_states(feats))
+
+    def text_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled output of the text-only pass (the tower before its projection)."""
+        return mean_pool(self.encoder(self.embeddings(ids), mask.bool()), mask.bool())
 
     # Weights -----------------------------------------------------------------------------------
 

@@ -4,10 +4,13 @@ One step, on a batch of products drawn a few subcategories at a time (so in-batc
 fine-grained ones):
 
 1. ITC: text tower and image tower over the whole batch, symmetric InfoNCE.
-2. TIA: for the first `cross_texts` texts, the cross-encoder sees the true image (with 15% of the
-   words masked for MLM and 10% of the patches zeroed for MPM), the batch's hardest negative by
-   two-tower similarity, and a random other product of the same subcategory. One forward pass.
-3. The task losses are weighted by the adaptive rule (model/adaptive_loss.py) and summed.
+2. TIA: for the first `cross_texts` texts, the cross-encoder sees the true image, the batch's
+   hardest negative by two-tower similarity and random other products of the same subcategory;
+   binary cross-entropy plus a listwise softmax over each text's candidates. The pairs reuse the
+   towers' states below the fusion layers, so each pair costs only the fusion layers.
+3. MLM and MPM: one more joint pass over the true pairs with 15% of the words masked (whole
+   words) and 10% of the patches zeroed.
+4. The task losses are weighted by the adaptive rule (model/adaptive_loss.py) and summed.
 
 The run directory holds `model/` (the best weights so far: safetensors + config.json + tokenizer),
 `checkpoint/` (weights, optimiser and counters, for resuming), `log.jsonl` (losses and weights
@@ -53,18 +56,20 @@ class TrainConfig:
     loss_weighting: str = "adaptive"
     batch_size: int = 48  # products per step: ITC's in-batch negatives
     subcategories_per_batch: int = 4
-    cross_texts: int = 16  # texts per step through the cross-encoder, each with 1 positive + 2 negatives
+    cross_texts: int = 8  # texts per step through the cross-encoder, each with 1 positive + `tia_negatives`
+    tia_negatives: int = 5  # per text: the hardest by two-tower similarity, the rest random same-subcategory
     lr_backbone: float = 1e-4
     lr_new: float = 1e-3  # patch embeddings and heads start from scratch: a higher rate
     weight_decay: float = 0.01
     warmup: float = 0.06  # share of the run
     clip: float = 1.0
-    epochs: int = 20
-    max_minutes: float = 12.5  # the training loop's wall-clock budget, validation included
+    epochs: int = 3
+    max_minutes: float = 12.5  # a cap on the training loop's wall-clock time, validation included
     patience: int = 2  # epochs without a better validation score before stopping
     mlm_prob: float = 0.15
     mpm_prob: float = 0.10
     max_text_len: int = 64
+    fusion_layers: int = 2  # the last N layers attend across modalities (num_layers = the paper's full model)
     val_products: int = 400
     val_queries: int = 100
     checkpoint_minutes: float = 3.0
@@ -92,6 +97,8 @@ class TrainConfig:
             raise ValueError("feature_mode must be grid, crop or global")
         if self.batch_size < 2 or not 1 <= self.cross_texts <= self.batch_size:
             raise ValueError("need batch_size >= 2 and 1 <= cross_texts <= batch_size")
+        if not 1 <= self.tia_negatives < self.batch_size:
+            raise ValueError("need 1 <= tia_negatives < batch_size")
         if self.max_minutes <= 0 or self.epochs < 1:
             raise ValueError("max_minutes must be positive and epochs at least 1")
 
@@ -140,19 +147,24 @@ def contrastive_loss(t: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, same
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def pick_negatives(sim: torch.Tensor, product: np.ndarray, subcategory: np.ndarray, n: int,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """For each of the first n texts: the hardest other product's image, and a random same-subcategory one."""
+def pick_negatives(sim: torch.Tensor, product: np.ndarray, subcategory: np.ndarray, n: int, k: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """(n, k) image rows for the first n texts: the hardest other product by two-tower similarity,
+    then random other products of the same subcategory (topped up from the whole batch)."""
     s = sim.detach().float().clone()
     s[torch.from_numpy(product[:, None] == product[None, :])] = float("-inf")
-    hard = s[:n].argmax(1).numpy()
-    rand = np.empty(n, dtype=int)
+    out = np.empty((n, k), dtype=int)
     for i in range(n):
-        pool = np.flatnonzero((subcategory == subcategory[i]) & (product != product[i]) & (np.arange(len(product)) != hard[i]))
-        if len(pool) == 0:
-            pool = np.flatnonzero(product != product[i])
-        rand[i] = rng.choice(pool)
-    return hard, rand
+        hard = int(s[i].argmax())
+        others = product != product[i]
+        others[hard] = False
+        pool = np.flatnonzero(others & (subcategory == subcategory[i]))
+        rest = np.flatnonzero(others & (subcategory != subcategory[i]))
+        picked = rng.choice(pool, min(k - 1, len(pool)), replace=False)
+        if len(picked) < k - 1:
+            picked = np.concatenate([picked, rng.choice(rest, k - 1 - len(picked), replace=False)])
+        out[i] = np.concatenate([[hard], picked])
+    return out
 
 
 def step_losses(model: FashionBert, data: SplitData, rows: np.ndarray, cfg: TrainConfig, tok: CaptionTokenizer,
@@ -162,45 +174,51 @@ def step_losses(model: FashionBert, data: SplitData, rows: np.ndarray, cfg: Trai
     product, subcat = data.product[rows], data.subcategory[rows]
     losses: dict[str, torch.Tensor] = {}
 
-    t = model.text_embedding(ids, mask)  # (B, E)
-    v = model.image_embedding(feats)  # (B, E)
-    sim = t @ v.T
+    # Each text and image is encoded once below the fusion layers; the towers and the
+    # cross-encoder's pairs all start from these states.
+    text_states = model.text_states(ids, mask)  # (B, T, H)
+    image_states = model.image_states(feats)  # (B, P, H)
+    t = model.text_embedding_from(text_states, mask)  # (B, E)
+    v = model.image_embedding_from(image_states)  # (B, E)
     if "itc" in cfg.tasks:
         same = torch.from_numpy(product[:, None] == product[None, :])
         losses["itc"] = contrastive_loss(t, v, model.itc.logit_scale, same)
 
-    if not {"tia", "mlm", "mpm"} & set(cfg.tasks):
-        return losses
-    c = cfg.cross_texts
-    hard, rand = pick_negatives(sim, product, subcat, c, rng)
-    n_pairs = 3 * c if "tia" in cfg.tasks else c
-    cross_rows = np.concatenate([np.arange(c), np.arange(c), np.arange(c)])[:n_pairs]
-    cross_ids, cross_mask = ids[cross_rows], mask[cross_rows]
-    cross_feats = torch.cat([feats[:c], feats[hard], feats[rand]])[:n_pairs]
-    # Negatives are masked exactly like positives: otherwise "has [MASK] tokens" would mean "matches".
-    mlm_labels = patch_masked = None
-    if "mlm" in cfg.tasks:
-        cross_ids, mlm_labels = whole_word_mask(cross_ids, [data.word_ids[rows[r]] for r in cross_rows], cfg.mlm_prob,
-                                                tok, rng)
-    if "mpm" in cfg.tasks:
-        cross_feats, patch_masked = mask_patches(cross_feats, cfg.mpm_prob, rng)
-    hidden, _, first_patch = model.cross(cross_ids, cross_mask, cross_feats)
-
+    c, k = cfg.cross_texts, cfg.tia_negatives
     if "tia" in cfg.tasks:
-        logits = model.tia(hidden[:, 0]).float()
-        labels = torch.cat([torch.ones(c), torch.zeros(2 * c)])
+        negs = pick_negatives(t @ v.T, product, subcat, c, k, rng)  # (c, k)
+        # Pairs: c true pairs, then text 0 with its k negatives, text 1 with its k, ...
+        text_rows = np.concatenate([np.arange(c), np.repeat(np.arange(c), k)])
+        image_rows = np.concatenate([np.arange(c), negs.reshape(-1)])
+        logits = model.match_logits_from(text_states[text_rows], mask[text_rows], image_states[image_rows])
+        labels = torch.cat([torch.ones(c), torch.zeros(c * k)])
         per_pair = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-        losses["tia"] = (per_pair[:c].mean() + per_pair[c:].mean()) / 2  # positives and negatives count equally
-    # MLM and MPM learn from the matching pairs only: a mismatched image says nothing about the words.
-    if mlm_labels is not None:
-        where = mlm_labels[:c] != -100
-        text_hidden = hidden[:c, : mlm_labels.shape[1]]  # text comes first in every packed row
-        losses["mlm"] = F.cross_entropy(model.mlm(text_hidden[where]).float(), mlm_labels[:c][where])
-    if patch_masked is not None:
-        b_idx, p_idx = torch.nonzero(patch_masked[:c], as_tuple=True)
-        predicted = model.mpm(hidden[b_idx, first_patch[b_idx] + p_idx]).float()
-        target = feats[b_idx, p_idx]
-        losses["mpm"] = F.kl_div(F.log_softmax(predicted, -1), F.softmax(target, -1), reduction="batchmean")
+        binary = (per_pair[:c].mean() + per_pair[c:].mean()) / 2  # positives and negatives count equally
+        # Listwise: each text's true image against its k negatives, a softmax over k + 1 logits. It
+        # says "this one rather than those", a stronger signal per pair than k + 1 yes/no answers.
+        listwise = F.cross_entropy(torch.cat([logits[:c, None], logits[c:].view(c, k)], 1), torch.zeros(c, dtype=torch.long))
+        losses["tia"] = binary + listwise
+
+    # MLM and MPM: a separate joint pass over masked copies of the true pairs. TIA never sees a
+    # mask, so "has [MASK] tokens" cannot come to mean "matches", and it trains on what it serves.
+    if "mlm" in cfg.tasks or "mpm" in cfg.tasks:
+        m_text, m_image = text_states[:c], image_states[:c]
+        if "mlm" in cfg.tasks:
+            masked_ids, mlm_labels = whole_word_mask(ids[:c], [data.word_ids[r] for r in rows[:c]], cfg.mlm_prob, tok, rng)
+            m_text = model.text_states(masked_ids, mask[:c])
+        if "mpm" in cfg.tasks:
+            masked_feats, patch_masked = mask_patches(feats[:c], cfg.mpm_prob, rng)
+            m_image = model.image_states(masked_feats)
+        hidden, _, first_patch = model.fuse(m_text, mask[:c], m_image)
+        if "mlm" in cfg.tasks:
+            where = mlm_labels != -100
+            text_hidden = hidden[:, : mlm_labels.shape[1]]  # text comes first in every packed row
+            losses["mlm"] = F.cross_entropy(model.mlm(text_hidden[where]).float(), mlm_labels[where])
+        if "mpm" in cfg.tasks:
+            b_idx, p_idx = torch.nonzero(patch_masked, as_tuple=True)
+            predicted = model.mpm(hidden[b_idx, first_patch[b_idx] + p_idx]).float()
+            target = feats[b_idx, p_idx]
+            losses["mpm"] = F.kl_div(F.log_softmax(predicted, -1), F.softmax(target, -1), reduction="batchmean")
     return losses
 
 
@@ -231,34 +249,54 @@ def epoch_batches(data: SplitData, cfg: TrainConfig, epoch: int) -> list[np.ndar
     return batches
 
 
-@torch.inference_mode()
-def embed_split(model: FashionBert, data: SplitData, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    texts, images = [], []
-    for i in range(0, len(data), batch):
-        rows = np.arange(i, min(len(data), i + batch))
-        texts.append(model.text_embedding(*data.texts(rows)))
-        images.append(model.image_embedding(data.feats[rows].float()))
-    return torch.cat(texts).float(), torch.cat(images).float()
+class PairScorer:
+    """Scores (text, image) pairs of one split with the cross-encoder, encoding each text and image once.
 
+    The states below the fusion layers are computed per item up front; a pair then costs only
+    the fusion layers, exactly as a rerank in the service will.
+    """
 
-@torch.inference_mode()
-def match_scores(model: FashionBert, data: SplitData, text_rows, image_rows, batch: int = 64) -> np.ndarray:
-    """Cross-encoder match probability for each (text row, image row) pair."""
-    text_rows, image_rows = np.asarray(text_rows), np.asarray(image_rows)
-    out = []
-    for i in range(0, len(text_rows), batch):
-        t, v = text_rows[i : i + batch], image_rows[i : i + batch]
-        ids, mask = data.texts(t)
-        out.append(torch.sigmoid(model.match_logits(ids, mask, data.feats[v].float()).float()))
-    return torch.cat(out).numpy() if out else np.zeros(0)
+    @torch.inference_mode()
+    def __init__(self, model: FashionBert, data: SplitData, batch: int = 128):
+        self.model, self.data = model, data
+        text_states, image_states, t, v = [], [], [], []
+        for i in range(0, len(data), batch):
+            rows = np.arange(i, min(len(data), i + batch))
+            ids, mask = data.ids[rows], data.mask[rows]
+            ts = model.text_states(ids, mask)
+            vs = model.image_states(data.feats[rows].float())
+            text_states.append(ts)
+            image_states.append(vs)
+            t.append(model.text_embedding_from(ts, mask))
+            v.append(model.image_embedding_from(vs))
+        self.text_states, self.image_states = torch.cat(text_states), torch.cat(image_states)
+        self.text_emb, self.image_emb = torch.cat(t).float(), torch.cat(v).float()
+
+    def similarity(self) -> np.ndarray:
+        """Two-tower cosine of every caption (row) with every image (column), in fp32 even under autocast."""
+        with torch.autocast(self.text_emb.device.type, enabled=False):
+            return (self.text_emb @ self.image_emb.T).numpy()
+
+    @torch.inference_mode()
+    def __call__(self, text_rows, image_rows, batch: int = 128) -> np.ndarray:
+        """Cross-encoder match probability for each (text row, image row) pair."""
+        text_rows, image_rows = np.asarray(text_rows), np.asarray(image_rows)
+        out = []
+        for i in range(0, len(text_rows), batch):
+            t, v = text_rows[i : i + batch], image_rows[i : i + batch]
+            mask = self.data.mask[t]
+            width = int(mask.sum(1).max())
+            logits = self.model.match_logits_from(self.text_states[t, :width], mask[:, :width], self.image_states[v])
+            out.append(torch.sigmoid(logits.float()))
+        return torch.cat(out).numpy() if out else np.zeros(0)
 
 
 def quick_validation(model: FashionBert, data: SplitData, cfg: TrainConfig, autocast) -> dict[str, float]:
     """Two-tower R@1 over the validation subset, and R@1 after reranking its top 10 with the cross-encoder."""
     model.eval()
     with autocast():
-        t, v = embed_split(model, data)
-        sim = (t.float() @ v.float().T).numpy()
+        scorer = PairScorer(model, data)
+        sim = scorer.similarity()
         same = data.product[:, None] == data.product[None, :]
         best_true = np.where(same, sim, -np.inf).max(1)
         two_tower_r1 = float(np.mean((np.where(same, -np.inf, sim) < best_true[:, None]).all(1)))
@@ -266,7 +304,7 @@ def quick_validation(model: FashionBert, data: SplitData, cfg: TrainConfig, auto
         hits = 0
         for q in queries:
             top = np.argsort(-sim[q])[:10]
-            scores = match_scores(model, data, np.full(len(top), q), top)
+            scores = scorer(np.full(len(top), q), top)
             hits += bool(data.product[top[int(np.argmax(scores))]] == data.product[q])
     model.train()
     rerank_r1 = hits / len(queries)
@@ -365,13 +403,15 @@ def train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features_
     ensure_features(catalog, features_path, cfg.feature_mode, progress=progress)
     store = FeatureStore(features_path)
 
-    overrides = {"num_patches": store.shape[1], "patch_dim": store.shape[2], "max_text_len": cfg.max_text_len}
+    overrides = {"num_patches": store.shape[1], "patch_dim": store.shape[2], "max_text_len": cfg.max_text_len,
+                 "fusion_layers": cfg.fusion_layers}
     model, bert_dir = from_pretrained_bert(cfg.backbone, **overrides)
     if cfg.layers:
         if not 1 <= cfg.layers <= model.config.num_layers:
             raise ValueError(f"layers must be between 1 and {model.config.num_layers}")
         model.encoder.layer = model.encoder.layer[: cfg.layers]
         model.config.num_layers = cfg.layers
+        model.config.fusion_layers = min(cfg.fusion_layers, cfg.layers)
     tok = CaptionTokenizer(bert_dir / "tokenizer.json", cfg.max_text_len)
     subcats: dict[str, int] = {}
     train_data = load_split(catalog, "train", store, tok, subcats, limit=cfg.max_train_products, seed=cfg.seed)
@@ -442,6 +482,8 @@ def train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features_
                           "lr_factor": round(factor, 4), "losses": {k: round(float(v.detach()), 4) for k, v in losses.items()},
                           "weights": {k: round(w, 4) for k, w in weights.items()}}
                 log_file.write(json.dumps(record) + "\n")
+                if state.step % 10 == 0:
+                    log_file.flush()
                 bar.set_postfix_str(" ".join(f"{k}={record['losses'][k]:.3f}/w{weights[k]:.2f}" for k in losses))
                 bar.update(1)
                 if time.perf_counter() - last_ckpt > cfg.checkpoint_minutes * 60:

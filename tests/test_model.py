@@ -74,6 +74,27 @@ def test_shapes_and_padding_is_invisible(tok):
     assert glob.match_logits(ids, mask, torch.rand(2, 1, 1286)).shape == (2,)
 
 
+def test_late_fusion_reuses_unimodal_states(demo_data):
+    """Below the fusion layers nothing crosses modalities; the scorer's cached states give the same scores."""
+    from fashionbert.model.train import PairScorer
+
+    model = tiny_model(num_layers=3, fusion_layers=1)
+    assert model.config.unimodal_layers == 2
+    ids, mask = demo_data.texts(np.arange(4))
+    feats = demo_data.feats[:4].float()
+    with torch.no_grad():
+        hidden, _, first = model.cross(ids, mask, feats)
+        other, _, _ = model.cross(ids, mask, feats.flip(0))
+        assert not torch.allclose(hidden[:, 0], other[:, 0])  # the fusion layer lets [CLS] see the image
+        direct = torch.sigmoid(model.match_logits(ids, mask, feats)).numpy()
+    scorer = PairScorer(model, demo_data)
+    np.testing.assert_allclose(scorer(np.arange(4), np.arange(4)), direct, atol=1e-5)
+    np.testing.assert_allclose(scorer.similarity()[:4, :4],
+                               (model.text_embedding(ids, mask) @ model.image_embedding(feats).T).detach().numpy(), atol=1e-5)
+    full = tiny_model(num_layers=2, fusion_layers=2)  # the paper's model: every layer attends across
+    assert full.config.unimodal_layers == 0 and full.match_logits(ids, mask, feats).shape == (4,)
+
+
 def test_pretrained_backbone_loads_and_keeps_its_sentence_sense(tok):
     model, _ = from_pretrained_bert(None, dropout=0.0)
     model.eval()
@@ -87,7 +108,7 @@ def test_pretrained_backbone_loads_and_keeps_its_sentence_sense(tok):
 
 def test_a_few_steps_lower_every_task_loss(demo_data, tok):
     model = tiny_model().train()
-    cfg = TrainConfig(batch_size=16, cross_texts=6, subcategories_per_batch=2)
+    cfg = TrainConfig(batch_size=16, cross_texts=4, tia_negatives=3, subcategories_per_batch=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     rows = np.arange(16)
     first = last = None

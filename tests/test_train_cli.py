@@ -1,0 +1,86 @@
+"""`fashionbert train` and `fashionbert eval` as a user runs them, including a kill and a resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+TINY_RUN = {"layers": 1, "batch_size": 8, "subcategories_per_batch": 2, "cross_texts": 2, "tia_negatives": 2,
+            "epochs": 2, "max_minutes": 10, "val_products": 8, "val_queries": 4, "checkpoint_minutes": 0,
+            "precision": "bf16", "max_text_len": 32}
+
+
+def cli(*args):
+    return [sys.executable, "-m", "fashionbert.cli", *map(str, args)]
+
+
+@pytest.fixture(scope="module")
+def trained_run(demo_catalog, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    config = root / "tiny.json"
+    config.write_text(json.dumps(TINY_RUN))
+    run = root / "run"
+    args = cli("train", "--catalog", demo_catalog, "--out", run, "--config", config, "--features", root / "grid.h5")
+    # Start, wait for the first checkpoint, kill the process without warning, then run the same command again.
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run / "checkpoint" / "trainer.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    killed = proc.poll() is None
+    if killed:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    return run, config, resumed.stderr, killed
+
+
+def test_train_resumes_after_a_kill_and_finishes(trained_run):
+    run, _, stderr, killed = trained_run
+    assert killed, "training finished before it could be interrupted"
+    assert "Resuming" in stderr
+    summary = json.loads((run / "summary.json").read_text())
+    steps_per_epoch = summary["history"][0]["step"]
+    assert summary["steps"] == 2 * steps_per_epoch and summary["stopped"] == "2 epochs done"
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert sorted(set(steps)) == list(range(1, summary["steps"] + 1))  # no step lost, none beyond the plan
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (run / "model" / name).is_file()
+    assert (run / "loss_weights.png").stat().st_size > 5000
+    record = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert set(record["weights"]) == {"mlm", "mpm", "tia", "itc"} and abs(sum(record["weights"].values()) - 1) < 1e-3
+    assert summary["peak_memory_mb"] > 100 and summary["training_minutes"] > 0
+
+
+def test_eval_writes_the_paper_table(trained_run, demo_catalog):
+    run, *_ = trained_run
+    proc = subprocess.run(cli("eval", "--run", run, "--catalog", demo_catalog, "--features", run.parent / "grid.h5",
+                              "--queries", 4, "--negatives", 5, "--draws", 2, "--gallery-queries", 6, "--recall-n", 8,
+                              "--rerank-k", 4), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "Text → image (cross-encoder)" in proc.stdout and "two-tower only" in proc.stdout
+    result = json.loads((run / "eval" / "validation.json").read_text())
+    assert len(result["paper_protocol"]["t2i"]["R@1"]["draws"]) == 2 and result["paper_protocol"]["candidates"] == 6
+    assert 0 <= result["matching"]["auc"] <= 1 and result["full_gallery"]["K"] == 4
+
+
+def test_train_refuses_bad_settings_and_foreign_runs(trained_run, demo_catalog, tmp_path):
+    run, config, *_ = trained_run
+    other = dict(TINY_RUN, epochs=3)
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    proc = subprocess.run(cli("train", "--catalog", demo_catalog, "--out", run, "--config", tmp_path / "other.json",
+                              "--features", run.parent / "grid.h5"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "other settings" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "bad.json").write_text(json.dumps({"learning_rate": 1}))
+    proc = subprocess.run(cli("train", "--catalog", demo_catalog, "--out", tmp_path / "r", "--config", tmp_path / "bad.json"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "unknown training options: learning_rate" in proc.stderr
+    proc = subprocess.run(cli("eval", "--run", tmp_path / "nothing", "--catalog", demo_catalog), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "not a trained FashionBERT model directory" in proc.stderr
