@@ -55,7 +55,8 @@ class TrainConfig:
     tasks: tuple[str, ...] = TASKS
     loss_weighting: str = "adaptive"
     batch_size: int = 48  # products per step: ITC's in-batch negatives
-    subcategories_per_batch: int = 4
+    subcategories_per_batch: int = 4  # groups per batch: subcategories, or neighbourhoods (below)
+    neighbour_batches: bool = False  # from the second epoch, groups are caption-embedding neighbourhoods
     cross_texts: int = 8  # texts per step through the cross-encoder, each with 1 positive + `tia_negatives`
     tia_negatives: int = 5  # per text: the hardest by two-tower similarity, the rest random same-subcategory
     lr_backbone: float = 1e-4
@@ -214,7 +215,7 @@ def step_losses(model: FashionBert, data: SplitData, rows: np.ndarray, cfg: Trai
             where = mlm_labels != -100
             text_hidden = hidden[:, : mlm_labels.shape[1]]  # text comes first in every packed row
             losses["mlm"] = F.cross_entropy(model.mlm(text_hidden[where]).float(), mlm_labels[where])
-        if "mpm" in cfg.tasks:
+        if "mpm" in cfg.tasks and patch_masked.any():  # one global feature is masked only 10% of the time
             b_idx, p_idx = torch.nonzero(patch_masked, as_tuple=True)
             predicted = model.mpm(hidden[b_idx, first_patch[b_idx] + p_idx]).float()
             target = feats[b_idx, p_idx]
@@ -225,20 +226,38 @@ def step_losses(model: FashionBert, data: SplitData, rows: np.ndarray, cfg: Trai
 # Batches and validation --------------------------------------------------------------------------
 
 
-def epoch_batches(data: SplitData, cfg: TrainConfig, epoch: int) -> list[np.ndarray]:
-    """Batches of products drawn `subcategories_per_batch` subcategories at a time; one random pose per product."""
+def epoch_batches(data: SplitData, cfg: TrainConfig, epoch: int, text_emb: np.ndarray | None = None) -> list[np.ndarray]:
+    """Batches of `subcategories_per_batch` groups of products; one random pose per product.
+
+    A group is a run of products of one subcategory; or, given caption embeddings from the
+    current model, a product and its nearest unused neighbours. Neighbour groups make the
+    in-batch negatives (ITC's, and the hardest one TIA sees) the near-duplicates a rerank meets
+    in a real top-K, not just any product of the same subcategory.
+    """
     rng = np.random.default_rng([cfg.seed, epoch, 7])
     rows_of: dict[int, list[int]] = {}
     for row, p in enumerate(data.product):
         rows_of.setdefault(int(p), []).append(row)
     per_sub = max(1, cfg.batch_size // cfg.subcategories_per_batch)
     chunks = []
-    by_sub: dict[int, list[int]] = {}
-    for p, rows in rows_of.items():
-        by_sub.setdefault(int(data.subcategory[rows[0]]), []).append(p)
-    for products in by_sub.values():
-        products = rng.permutation(products)
-        chunks += [products[i : i + per_sub] for i in range(0, len(products), per_sub)]
+    if text_emb is not None:
+        products = np.array(list(rows_of))
+        emb = text_emb[[rows_of[int(p)][0] for p in products]]
+        free = np.ones(len(products), dtype=bool)
+        for seed in rng.permutation(len(products)):
+            if not free[seed]:
+                continue
+            nearest = np.argsort(-(emb @ emb[seed]), kind="stable")
+            group = nearest[free[nearest]][:per_sub]
+            free[group] = False
+            chunks.append(products[group])
+    else:
+        by_sub: dict[int, list[int]] = {}
+        for p, rows in rows_of.items():
+            by_sub.setdefault(int(data.subcategory[rows[0]]), []).append(p)
+        for products in by_sub.values():
+            products = rng.permutation(products)
+            chunks += [products[i : i + per_sub] for i in range(0, len(products), per_sub)]
     order = rng.permutation(len(chunks))
     batches, current = [], []
     for k in order:
@@ -247,6 +266,12 @@ def epoch_batches(data: SplitData, cfg: TrainConfig, epoch: int) -> list[np.ndar
             batches.append(np.array(current[: cfg.batch_size]))
             current = []
     return batches
+
+
+@torch.inference_mode()
+def caption_embeddings(model: FashionBert, data: SplitData, batch: int = 256) -> np.ndarray:
+    out = [model.text_embedding(*data.texts(np.arange(i, min(len(data), i + batch)))) for i in range(0, len(data), batch)]
+    return torch.cat(out).float().numpy()
 
 
 class PairScorer:
@@ -456,7 +481,13 @@ def train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features_
     started = time.perf_counter() - state.elapsed
     try:
         while state.epoch < cfg.epochs and not state.stopped:
-            batches = epoch_batches(train_data, cfg, state.epoch)
+            text_emb = None
+            if cfg.neighbour_batches and state.epoch > 0:
+                model.eval()
+                with autocast():
+                    text_emb = caption_embeddings(model, train_data)
+                model.train()
+            batches = epoch_batches(train_data, cfg, state.epoch, text_emb)
             bar = tqdm(total=len(batches), initial=state.step_in_epoch, desc=f"Epoch {state.epoch + 1}",
                        disable=not progress, unit="step", mininterval=1.0)
             for rows in batches[state.step_in_epoch :]:

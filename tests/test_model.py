@@ -244,3 +244,25 @@ def test_protocol_against_a_hand_computed_ranking(demo_data):
     g = full_gallery(score, sim, demo_data, cfg, progress=False)
     assert g["two_tower_t2i"]["R@1"] == 0.0
     assert g["reranked_t2i"]["R@1"] == pytest.approx(recall_at(expected_ranks)["R@1"])
+
+
+def test_neighbour_batches_group_near_duplicates():
+    """Given caption embeddings with tight clusters, each group of a batch is one cluster."""
+    from fashionbert.model.data import SplitData
+    from fashionbert.model.train import epoch_batches
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 16))
+    cluster = np.repeat(np.arange(6), 4)  # 24 products, 6 clusters of 4
+    emb = centres[cluster] + 0.01 * rng.normal(size=(24, 16))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    data = SplitData(items=[None] * 24, ids=None, mask=None, word_ids=None, feats=None,
+                     product=np.arange(24), subcategory=np.zeros(24, dtype=int))
+    cfg = TrainConfig(batch_size=8, subcategories_per_batch=2)
+    batches = epoch_batches(data, cfg, epoch=1, text_emb=emb)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(24))
+    for batch in batches:
+        for group in (batch[:4], batch[4:]):
+            assert len(set(cluster[group])) == 1
+    plain = epoch_batches(data, cfg, epoch=1)
+    assert any(len(set(cluster[b[:4]])) > 1 for b in plain)  # without embeddings, groups ignore the clusters
