@@ -210,7 +210,7 @@ def evaluate(run: str | Path, catalog_path: str | Path, cfg: EvalConfig, feature
                   "paper_protocol": paper_protocol(score, data, cfg, progress),
                   "matching": matching(score, data, cfg),
                   "full_gallery": full_gallery(score, sim, data, cfg, progress,
-                                               itc_scale=float(model.itc.logit_scale.exp().clamp(max=100)))}
+                                               itc_scale=float(model.itc.logit_scale.detach().exp().clamp(max=100)))}
     result["seconds"] = round(time.perf_counter() - start, 1)
     out_dir = run / "eval"
     out_dir.mkdir(exist_ok=True)
