@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--backbone", help="a local Hugging Face BERT directory (default: the MiniLM package)")
     tr.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     tr.add_argument("--seed", type=int)
-    tr.add_argument("--device", default=None)
+    tr.add_argument("--device", default="cuda" if _cuda() else None, help="default: cuda when present, else cpu")
     tr.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     tr.set_defaults(func=cmd_train)
 
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--recall-n", type=int, default=100, help="two-tower candidates (N)")
     ev.add_argument("--rerank-k", type=int, default=20, help="candidates the cross-encoder reranks (K)")
     ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--name", help="file name for the results under RUN/eval/ (default: the split)")
     ev.set_defaults(func=cmd_eval)
