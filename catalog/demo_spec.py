@@ -365,14 +365,3 @@ def make_spec(seed: int, index: int) -> ProductSpec:
         details=details, name=name, description=description, gender=_choice(rng, sub.genders), brand=brand,
         price=price, composition=composition, season=_choice(rng, SEASONS),
     )
-
-
-def attribute_table() -> list[tuple[str, str, str]]:
-    """(subcategory, dimension, values) rows, for the README and the closing note."""
-    rows = []
-    for sub in SUBCATEGORIES:
-        rows.append((sub.subcategory, "colour", f"{len(COLOURS)} named colours"))
-        rows.append((sub.subcategory, "pattern", ", ".join(sub.patterns)))
-        for dim, values in sub.details.items():
-            rows.append((sub.subcategory, dim, ", ".join(values)))
-    return rows

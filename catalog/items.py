@@ -45,6 +45,3 @@ class CatalogItem:
         if self.name and self.description:
             return f"{self.name}. {self.description}"
         return self.name or self.description
-
-    def without_image(self) -> "CatalogItem":
-        return CatalogItem(**{**self.__dict__, "image": None})

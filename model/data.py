@@ -55,8 +55,9 @@ class SplitData:
 def load_split(catalog: Catalog, split: str, features: FeatureStore, tokenizer: CaptionTokenizer,
                subcategories: dict[str, int], limit: int | None = None, seed: int = 0) -> SplitData:
     """Items of the split that have features (items that failed to load have none and are left out)."""
-    records = [r for r in catalog.records(split) if r.id in features]
-    missing = len(catalog.records(split)) - len(records)
+    every = catalog.records(split)
+    records = [r for r in every if r.id in features]
+    missing = len(every) - len(records)
     if missing:
         log.warning("%d %s items have no features (unreadable images?) and are left out.", missing, split)
     if limit and len(records) > limit:

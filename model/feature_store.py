@@ -187,9 +187,9 @@ def compute_features(catalog: Catalog, out: str | os.PathLike, extractor=None, *
     parts = _Parts(Path(f"{out}.parts"), identity)
     resumable = len(parts.entries)
     selected = catalog.records(split)
-    keep_ids = {r.id for r in catalog.records("all")}
     order = [r.id for r in selected]
     chosen = set(order)
+    keep_ids = chosen if split == "all" else {r.id for r in catalog.records("all")}
     # Entries of other splits stay as they are while the catalog still has them.
     order += [i for i in (old.ids if old else []) if i not in chosen and i in keep_ids]
 
