@@ -86,6 +86,13 @@ class SelfAttention(nn.Module):
         b, t, h = x.shape  # (B, T, H)
         q, k, v = (proj(x).view(b, t, self.heads, h // self.heads).transpose(1, 2) for proj in (self.query, self.key, self.value))
         # mask: (B, 1, 1, T) bool, True = attend. Padding keys get no weight.
+        if torch.onnx.is_in_onnx_export():
+            # Spelled out for the ONNX graph: the exporter's lowering of a boolean SDPA mask did
+            # not match PyTorch, and the explicit form is what ONNX Runtime's fusions recognise.
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(h // self.heads)
+            scores = scores + (~mask).to(scores.dtype) * torch.finfo(scores.dtype).min
+            out = torch.softmax(scores, dim=-1) @ v
+            return out.transpose(1, 2).reshape(b, t, h)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return out.transpose(1, 2).reshape(b, t, h)
 

@@ -101,7 +101,6 @@ class PatchFeatureExtractor(torch.nn.Module):
         # EfficientNet-Lite's own preprocessing (TF reference): (x - 127) / 128, NCHW.
         return (images.permute(0, 3, 1, 2).float() - 127.0) / 128.0
 
-    @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = images.shape
         if (h, w) != (MODEL_IMAGE_SIZE, MODEL_IMAGE_SIZE):
@@ -127,6 +126,7 @@ class PatchFeatureExtractor(torch.nn.Module):
                 cnn = fmap.flatten(2).transpose(1, 2)  # (B, 64, 1280), row-major patches
         return torch.cat([cnn.float(), colour.float()], dim=-1)
 
+    @torch.inference_mode()
     def extract(self, images: np.ndarray, precision: str = "fp32", device: torch.device | str = "cpu") -> np.ndarray:
         """numpy in, float16 numpy out; bf16 autocast when asked."""
         device = torch.device(device)

@@ -58,7 +58,11 @@ class TrainConfig:
     subcategories_per_batch: int = 4  # groups per batch: subcategories, or neighbourhoods (below)
     neighbour_batches: bool = False  # from the second epoch, groups are caption-embedding neighbourhoods
     cross_texts: int = 8  # texts per step through the cross-encoder, each with 1 positive + `tia_negatives`
-    tia_negatives: int = 5  # per text: the hardest by two-tower similarity, the rest random same-subcategory
+    tia_negatives: int = 5  # per text: the batch's hardest by two-tower similarity, mined ones, random same-subcategory
+    # Of those, drawn from the text's nearest other products in the whole training set. Off by
+    # default: measured worse (README, "Training"): it slowed the two-tower's learning badly.
+    mined_negatives: int = 0
+    mining_pool: int = 16  # nearest products per text, re-mined with the current model each epoch
     lr_backbone: float = 1e-4
     lr_new: float = 1e-3  # patch embeddings and heads start from scratch: a higher rate
     weight_decay: float = 0.01
@@ -100,6 +104,8 @@ class TrainConfig:
             raise ValueError("need batch_size >= 2 and 1 <= cross_texts <= batch_size")
         if not 1 <= self.tia_negatives < self.batch_size:
             raise ValueError("need 1 <= tia_negatives < batch_size")
+        if self.mined_negatives < 0 or self.mining_pool < 1:
+            raise ValueError("need mined_negatives >= 0 and mining_pool >= 1")
         if self.max_minutes <= 0 or self.epochs < 1:
             raise ValueError("max_minutes must be positive and epochs at least 1")
 
@@ -169,7 +175,9 @@ def pick_negatives(sim: torch.Tensor, product: np.ndarray, subcategory: np.ndarr
 
 
 def step_losses(model: FashionBert, data: SplitData, rows: np.ndarray, cfg: TrainConfig, tok: CaptionTokenizer,
-                rng: np.random.Generator) -> dict[str, torch.Tensor]:
+                rng: np.random.Generator, mined: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """The task losses of one batch; `mined` (rows of `data`, (N, pool)) holds each row's nearest
+    other products in the whole split, the source of TIA's mined negatives."""
     ids, mask = data.texts(rows)
     feats = data.feats[rows].float()
     product, subcat = data.product[rows], data.subcategory[rows]
@@ -187,11 +195,21 @@ def step_losses(model: FashionBert, data: SplitData, rows: np.ndarray, cfg: Trai
 
     c, k = cfg.cross_texts, cfg.tia_negatives
     if "tia" in cfg.tasks:
-        negs = pick_negatives(t @ v.T, product, subcat, c, k, rng)  # (c, k)
+        # The batch's hardest always stays; mined ones take up to the rest of the k places.
+        m = min(cfg.mined_negatives, k - 1, mined.shape[1]) if mined is not None else 0
+        negs = pick_negatives(t @ v.T, product, subcat, c, k - m, rng)  # (c, k - m) rows of the batch
+        neg_states = image_states[negs.reshape(-1)].view(c, k - m, *image_states.shape[1:])
+        if m:
+            # The in-batch hardest is one of ~11 products of its subcategory; a rerank meets the
+            # nearest of a whole catalog. Mined negatives are those: products one or two
+            # attributes away, which only the cross-encoder's attention can tell apart.
+            picks = np.stack([rng.choice(mined[r], m, replace=False) for r in rows[:c]])  # (c, m)
+            extra = model.image_states(data.feats[picks.reshape(-1)].float())
+            neg_states = torch.cat([neg_states, extra.view(c, m, *extra.shape[1:])], 1)
         # Pairs: c true pairs, then text 0 with its k negatives, text 1 with its k, ...
         text_rows = np.concatenate([np.arange(c), np.repeat(np.arange(c), k)])
-        image_rows = np.concatenate([np.arange(c), negs.reshape(-1)])
-        logits = model.match_logits_from(text_states[text_rows], mask[text_rows], image_states[image_rows])
+        logits = model.match_logits_from(text_states[text_rows], mask[text_rows],
+                                         torch.cat([image_states[:c], neg_states.flatten(0, 1)]))
         labels = torch.cat([torch.ones(c), torch.zeros(c * k)])
         per_pair = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         binary = (per_pair[:c].mean() + per_pair[c:].mean()) / 2  # positives and negatives count equally
@@ -266,6 +284,29 @@ def epoch_batches(data: SplitData, cfg: TrainConfig, epoch: int, text_emb: np.nd
             batches.append(np.array(current[: cfg.batch_size]))
             current = []
     return batches
+
+
+@torch.inference_mode()
+def mine_neighbours(model: FashionBert, data: SplitData, pool: int, use_images: bool, batch: int = 128) -> np.ndarray:
+    """(N, pool) rows: for each row's caption, the nearest rows of other products in the split.
+
+    Nearest by the two-tower similarity (caption to image), the order a recall hands the
+    reranker; before the image tower has learned anything (`use_images` false), by caption to
+    caption similarity of the pre-trained text tower, which already finds near-identical captions.
+    """
+    t = caption_embeddings(model, data, batch)
+    if use_images:
+        v = torch.cat([model.image_embedding(data.feats[i : i + batch].float()) for i in range(0, len(data), batch)])
+        v = v.float().numpy()
+    else:
+        v = t
+    pool = min(pool, len(data) - int(np.bincount(data.product).max()))  # never a pose of the same product
+    out = np.empty((len(data), pool), dtype=np.int64)
+    for i in range(0, len(data), 512):
+        s = t[i : i + 512] @ v.T
+        s[data.product[i : i + 512, None] == data.product[None, :]] = -np.inf
+        out[i : i + 512] = np.argpartition(-s, pool - 1, axis=1)[:, :pool]
+    return out
 
 
 @torch.inference_mode()
@@ -488,6 +529,12 @@ def train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features_
                     text_emb = caption_embeddings(model, train_data)
                 model.train()
             batches = epoch_batches(train_data, cfg, state.epoch, text_emb)
+            mined = None
+            if "tia" in cfg.tasks and cfg.mined_negatives:
+                model.eval()
+                with autocast():
+                    mined = mine_neighbours(model, train_data, cfg.mining_pool, use_images=state.epoch > 0)
+                model.train()
             bar = tqdm(total=len(batches), initial=state.step_in_epoch, desc=f"Epoch {state.epoch + 1}",
                        disable=not progress, unit="step", mininterval=1.0)
             for rows in batches[state.step_in_epoch :]:
@@ -500,7 +547,7 @@ def train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features_
                 for g in optimizer.param_groups:
                     g["lr"] = g["base_lr"] * factor
                 with autocast():
-                    losses = step_losses(model, train_data, rows, cfg, tok, rng)
+                    losses = step_losses(model, train_data, rows, cfg, tok, rng, mined)
                 weights = weighting.update(losses, shared)
                 loss = weighting.combine(losses, weights)
                 optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,129 @@
+"""The exported model at serving time: ONNX Runtime sessions and the tokenizer, no torch.
+
+A MODEL_DIR written by `fashionbert export` holds
+
+- text_tower.onnx      token ids, mask -> embedding (B, E) and text states (B, T, H)
+- image_tower.onnx     uint8 RGB pixels (B, 256, 256, 3) -> embedding (B, E) and patch states (B, P, H)
+- cross_encoder.*.onnx text states, mask, patch states -> match logit (B,), one file per variant
+- tokenizer.json, manifest.json
+
+"States" are the outputs of the layers below the fusion layers: a query's text states are
+computed once by the text tower, each catalog image's patch states once at index time, and a
+rerank pair then costs only the fusion layers (model/fashionbert.py explains the split).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..catalog.images import MODEL_IMAGE_SIZE
+from ..model.tokenizer import CaptionTokenizer
+
+MANIFEST = "manifest.json"
+
+
+class ModelError(RuntimeError):
+    """MODEL_DIR is missing, incomplete or not an export this code can read."""
+
+
+@dataclass
+class TextBatch:
+    embedding: np.ndarray  # (B, E) float32, L2-normalised
+    states: np.ndarray  # (B, T, H) float32
+    mask: np.ndarray  # (B, T) int64
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return opts
+
+
+def read_manifest(model_dir: str | Path) -> dict:
+    model_dir = Path(model_dir)
+    path = model_dir / MANIFEST
+    if not path.is_file():
+        raise ModelError(f"{model_dir}: no {MANIFEST} (not a model exported by `fashionbert export`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc})") from None
+    if manifest.get("format") != "fashionbert-onnx/1":
+        raise ModelError(f"{path}: unknown export format {manifest.get('format')!r}")
+    return manifest
+
+
+class ExportedModel:
+    """The three graphs of one export. `variant` picks the cross-encoder (default: the manifest's choice)."""
+
+    def __init__(self, model_dir: str | Path, variant: str | None = None, threads: int | None = None,
+                 providers: list[str] | None = None):
+        self.dir = Path(model_dir)
+        self.manifest = read_manifest(self.dir)
+        m = self.manifest
+        self.variant = variant or m["default_variant"]
+        variants = m["cross_encoder_variants"]
+        if self.variant not in variants:
+            raise ModelError(f"{self.dir}: no cross-encoder variant {self.variant!r} (has {', '.join(variants)})")
+        files = {"text tower": m["text_tower"], "image tower": m["image_tower"], "cross-encoder": variants[self.variant],
+                 "tokenizer": "tokenizer.json"}
+        for what, name in files.items():
+            if not (self.dir / name).is_file():
+                raise ModelError(f"{self.dir}: the {what} file {name} is missing; export again")
+        opts = session_options(threads)
+        providers = providers or ["CPUExecutionProvider"]
+        try:
+            self.text = ort.InferenceSession(str(self.dir / files["text tower"]), opts, providers=providers)
+            self.image = ort.InferenceSession(str(self.dir / files["image tower"]), opts, providers=providers)
+            self.cross = ort.InferenceSession(str(self.dir / files["cross-encoder"]), opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ModelError(f"{self.dir}: a graph failed to load ({exc})") from None
+        self.tokenizer = CaptionTokenizer(self.dir / "tokenizer.json", m["max_text_len"])
+        self.model_hash: str = m["model_hash"]
+        self.embed_dim: int = m["embed_dim"]
+        self.hidden_size: int = m["hidden_size"]
+        self.num_patches: int = m["num_patches"]
+
+    # Towers ------------------------------------------------------------------------------------
+
+    def encode_text(self, texts: list[str]) -> TextBatch:
+        enc = self.tokenizer(texts)
+        emb, states = self.text.run(None, {"input_ids": enc.ids, "attention_mask": enc.mask})
+        return TextBatch(emb, states, enc.mask)
+
+    def encode_images(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (B, 256, 256, 3) model images -> embeddings (B, E) and patch states (B, P, H)."""
+        pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+        if pixels.ndim != 4 or pixels.shape[1:] != (MODEL_IMAGE_SIZE, MODEL_IMAGE_SIZE, 3):
+            raise ValueError(f"expected (B, {MODEL_IMAGE_SIZE}, {MODEL_IMAGE_SIZE}, 3) images, got {pixels.shape}")
+        emb, patches = self.image.run(None, {"pixels": pixels})
+        return emb, patches
+
+    # Cross-encoder -----------------------------------------------------------------------------
+
+    def match_logits(self, text_states: np.ndarray, mask: np.ndarray, patch_states: np.ndarray) -> np.ndarray:
+        """(B, T, H), (B, T), (B, P, H) -> (B,) match logits."""
+        (logits,) = self.cross.run(None, {"text_states": np.ascontiguousarray(text_states, dtype=np.float32),
+                                          "attention_mask": np.ascontiguousarray(mask, dtype=np.int64),
+                                          "patch_states": np.ascontiguousarray(patch_states, dtype=np.float32)})
+        return logits
+
+    def rerank_logits(self, text: TextBatch, row: int, patch_states: np.ndarray) -> np.ndarray:
+        """One query (row `row` of `text`) against K items' patch states (K, P, H) -> (K,) logits."""
+        width = int(text.mask[row].sum())  # a single query carries no padding
+        k = len(patch_states)
+        states = np.broadcast_to(text.states[row, :width], (k, width, text.states.shape[-1]))
+        mask = np.ones((k, width), dtype=np.int64)
+        return self.match_logits(states, mask, patch_states)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
