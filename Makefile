@@ -14,12 +14,15 @@ FEATURES := $(DATA)/features/grid.h5
 
 RUNS     := $(DATA)/runs
 MODEL    := $(RUNS)/default/model/config.json
+EXPORT   := $(DATA)/model
+INDEX    := $(DATA)/index
 
-.PHONY: demo install test eval ablations ablation-global ablation-fixed ablation-no-mpm ablation-layers2 clean-data
+.PHONY: demo install test eval bench ablations ablation-global ablation-fixed ablation-no-mpm ablation-layers2 clean-data
 
-## Fresh machine -> installed project, demo catalog, cached patch features, trained model.
-demo: install $(MODEL)
-	@echo "Demo catalog in $(CATALOG), patch features in $(FEATURES), trained model in $(RUNS)/default/model."
+## Fresh machine -> installed project, demo catalog, cached patch features, trained model,
+## ONNX export, FAISS index.
+demo: install $(INDEX)/manifest.json
+	@echo "Demo catalog in $(CATALOG), trained model in $(RUNS)/default, ONNX model in $(EXPORT), index in $(INDEX)."
 
 ## The whole test suite (what CI runs).
 test: install
@@ -44,6 +47,18 @@ $(FEATURES): $(CATALOG)/catalog.jsonl
 # An interrupted run resumes when the same command runs again.
 $(MODEL): $(FEATURES)
 	$(BIN)/fashionbert train --catalog $(CATALOG) --out $(RUNS)/default
+
+# ONNX graphs; the cross-encoder variant is chosen by measuring each on the validation split.
+$(EXPORT)/manifest.json: $(MODEL)
+	$(BIN)/fashionbert export --run $(RUNS)/default --out $(EXPORT) --overwrite
+
+$(INDEX)/manifest.json: $(EXPORT)/manifest.json
+	$(BIN)/fashionbert index build --model $(EXPORT) --catalog $(CATALOG) --out $(INDEX) --overwrite
+
+## Rerank variants against PyTorch, and the FAISS recall stage (tables for BENCHMARKS.md).
+bench: $(INDEX)/manifest.json
+	$(BIN)/python bench/rerank_variants.py --run $(RUNS)/default --model $(EXPORT)
+	$(BIN)/python bench/index_bench.py --model $(EXPORT) --index $(INDEX)
 
 ## The paper's protocol, matching and full-gallery retrieval for the default model.
 eval: $(MODEL)

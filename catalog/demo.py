@@ -23,6 +23,7 @@ from tqdm import tqdm
 from .demo_render import render
 from .demo_spec import ProductSpec, make_spec
 from .readers import FASHIONGEN_FILES, JSONL_NAME
+from ..atomic import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +105,7 @@ def generate(out: str | os.PathLike, n: int = DEFAULT_N, seed: int = 0, fmt: str
         else:
             _write_fashiongen(tmp, n, seed, val, workers)
         seconds = time.perf_counter() - start
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return DemoResult(out=out, n=n, n_validation=len(val), seconds=seconds)

@@ -118,6 +118,93 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .model.export import ExportConfig, export
+
+    cfg = ExportConfig(catalog=args.catalog, split=args.split, select_queries=args.select_queries,
+                       max_r1_loss=args.max_r1_loss, variant=args.variant, threads=args.threads)
+    manifest = export(args.run, args.out, cfg, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"{args.out}: model {manifest['model_hash']}, default cross-encoder {manifest['default_variant']}")
+    return 0
+
+
+def _filters(args):
+    from .index.store import Filters
+
+    return Filters(category=args.category, subcategory=args.subcategory, gender=args.gender,
+                   price_min=args.price_min, price_max=args.price_max)
+
+
+def _model(args):
+    from .index.runtime import ExportedModel
+
+    return ExportedModel(args.model, threads=args.threads)
+
+
+def cmd_index_build(args) -> int:
+    from .index.store import IndexConfig, build
+
+    cfg = IndexConfig(kind=args.kind, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
+                      ef_search=args.ef_search, patch_dtype=args.patch_dtype, batch_size=args.batch_size)
+    cfg.validate()
+    catalog = _open(args)
+    build(_model(args), catalog, args.out, cfg, split=args.split, overwrite=args.overwrite, progress=not args.quiet)
+    _report_problems(catalog)
+    return 0
+
+
+def cmd_index_add(args) -> int:
+    from .index.store import CatalogIndex
+
+    model = _model(args)
+    index = CatalogIndex(args.index, model_hash=model.model_hash)
+    catalog = _open(args)
+    items = list(catalog.items(args.split))
+    added = index.add(items, model, progress=not args.quiet)
+    log.info("Added %d items to %s; it now holds %d.", added, args.index, len(index))
+    _report_problems(catalog)
+    return 0
+
+
+def cmd_index_delete(args) -> int:
+    from .index.store import CatalogIndex
+
+    index = CatalogIndex(args.index)
+    missing = index.delete(args.ids)
+    log.info("Deleted %d items from %s; it now holds %d.", len(args.ids) - len(missing), args.index, len(index))
+    if missing:
+        log.warning("Not in the index: %s", ", ".join(missing))
+        return 1
+    return 0
+
+
+def cmd_index_info(args) -> int:
+    import json
+
+    from .index.store import CatalogIndex
+
+    print(json.dumps(CatalogIndex(args.index).info(), indent=2))
+    return 0
+
+
+def cmd_index_search(args) -> int:
+    from .index.search import Searcher
+    from .index.store import CatalogIndex
+
+    model = _model(args)
+    index = CatalogIndex(args.index, model_hash=model.model_hash)
+    if not args.text.strip():
+        raise ValueError("the query text is empty")
+    result = Searcher(model, index).search_text(args.text, k=args.k, candidates=args.candidates,
+                                                rerank=args.rerank_k > 0, rerank_k=args.rerank_k, filters=_filters(args))
+    items = index.items_by_row([r.row for r in result.results])
+    for r in result.results:
+        prob = f"  match {r.match_probability:.3f}" if r.match_probability is not None else ""
+        print(f"{r.rank:>3}. {r.id:<12} score {r.score:7.3f}  recall {r.recall_score:.3f}{prob}  {items[r.row]['name']}")
+    print("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings_ms.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fashionbert", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
@@ -195,6 +282,74 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--name", help="file name for the results under RUN/eval/ (default: the split)")
     ev.set_defaults(func=cmd_eval)
+
+    ex = sub.add_parser("export", help="export a trained run to ONNX (text tower, image tower, cross-encoder variants)")
+    ex.add_argument("--run", required=True)
+    ex.add_argument("--out", required=True, help="the model directory to write")
+    ex.add_argument("--catalog", help="real items for the parity check and the variant choice (default: the run's catalog)")
+    ex.add_argument("--split", default="validation", choices=["train", "validation", "all"])
+    ex.add_argument("--variant", default="auto", help="auto (measure and choose), fp32, optimized, int8, optimized-int8 or mixed-int8")
+    ex.add_argument("--select-queries", dest="select_queries", type=int, default=400,
+                    help="paper-protocol queries per direction for the variant choice")
+    ex.add_argument("--max-r1-loss", dest="max_r1_loss", type=float, default=1.0,
+                    help="the most R@1 points a faster variant may lose to become the default")
+    ex.add_argument("--threads", type=int)
+    ex.add_argument("--overwrite", action="store_true")
+    ex.set_defaults(func=cmd_export)
+
+    ix = sub.add_parser("index", help="build, update and query the FAISS index of a catalog")
+    ixs = ix.add_subparsers(dest="index_command", required=True)
+
+    def model_args(p):
+        p.add_argument("--model", required=True, help="a model directory written by `fashionbert export`")
+        p.add_argument("--threads", type=int, help="ONNX Runtime and FAISS threads (default: all cores)")
+
+    def filter_args(p):
+        p.add_argument("--category")
+        p.add_argument("--subcategory")
+        p.add_argument("--gender")
+        p.add_argument("--price-min", dest="price_min", type=float)
+        p.add_argument("--price-max", dest="price_max", type=float)
+
+    b = ixs.add_parser("build", help="encode every catalog image and write INDEX_DIR atomically")
+    model_args(b)
+    _add_catalog_args(b)
+    b.add_argument("--out", required=True)
+    b.add_argument("--kind", default="flat", choices=["flat", "ivf", "hnsw"],
+                   help="flat: exact (default, fine to ~200k items); ivf: inverted lists, deletes work; hnsw: graph, rebuild-only")
+    b.add_argument("--nlist", type=int, help="ivf lists (default ~4*sqrt(items))")
+    b.add_argument("--nprobe", type=int, default=16, help="ivf lists searched per query")
+    b.add_argument("--hnsw-m", dest="hnsw_m", type=int, default=32)
+    b.add_argument("--ef-search", dest="ef_search", type=int, default=128)
+    b.add_argument("--patch-dtype", dest="patch_dtype", default="float16", choices=["float16", "int8"])
+    b.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(func=cmd_index_build)
+
+    a = ixs.add_parser("add", help="add the items of a catalog to an index (incremental, persisted)")
+    model_args(a)
+    _add_catalog_args(a)
+    a.add_argument("--index", required=True)
+    a.set_defaults(func=cmd_index_add)
+
+    d = ixs.add_parser("delete", help="remove items by id")
+    d.add_argument("--index", required=True)
+    d.add_argument("ids", nargs="+")
+    d.set_defaults(func=cmd_index_delete)
+
+    i = ixs.add_parser("info", help="what an index holds")
+    i.add_argument("--index", required=True)
+    i.set_defaults(func=cmd_index_info)
+
+    q = ixs.add_parser("search", help="a text query: recall, then the cross-encoder rerank")
+    model_args(q)
+    q.add_argument("--index", required=True)
+    q.add_argument("--text", required=True)
+    q.add_argument("--k", type=int, default=10)
+    q.add_argument("--candidates", type=int, default=100)
+    q.add_argument("--rerank-k", dest="rerank_k", type=int, default=20, help="0 = no rerank")
+    filter_args(q)
+    q.set_defaults(func=cmd_index_search)
     return parser
 
 
@@ -206,6 +361,7 @@ def _cuda() -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it loaded, at INFO
     try:
         return args.func(args)
     except (ValueError, OSError) as exc:

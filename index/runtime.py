@@ -28,7 +28,7 @@ from ..model.tokenizer import CaptionTokenizer
 MANIFEST = "manifest.json"
 
 
-class ModelError(RuntimeError):
+class ModelError(ValueError):
     """MODEL_DIR is missing, incomplete or not an export this code can read."""
 
 

@@ -1,0 +1,582 @@
+"""The catalog index: FAISS over image embeddings, SQLite for ids and metadata, memory-mapped patch states.
+
+INDEX_DIR holds
+
+- manifest.json        format, the model hash it was built with, sizes, FAISS kind and parameters
+- items.sqlite         one row per item: id, display fields, filter fields, JPEG image, embedding;
+                       the source of truth (transactional: an add or a delete commits or does not)
+- vectors.<gen>.faiss  the FAISS index over the embeddings, FAISS ids = SQLite row numbers;
+                       <gen> is the SQLite generation it matches. It is derived data: opening an
+                       index whose newest file is behind SQLite (a crash between the commit and the
+                       write) brings it up to date from the stored embeddings.
+- patches.bin          the cross-encoder's patch states of every row (float16, or int8 with a
+                       float16 scale per patch in patch_scales.bin), read through a memory map at
+                       query time so a rerank never re-runs the CNN. Rows are written before the
+                       commit that makes them visible, so a crash leaves unreferenced bytes only.
+
+A build writes a temporary sibling directory and renames it into place: an interrupted build
+leaves the previous index as it was.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import faiss
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from ..catalog.items import CatalogItem
+from ..atomic import replace_dir
+
+log = logging.getLogger(__name__)
+FORMAT = "fashionbert-index/1"
+KINDS = ("flat", "ivf", "hnsw")
+PATCH_DTYPES = ("float16", "int8")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    row INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    product_id TEXT, name TEXT, description TEXT, category TEXT, subcategory TEXT,
+    gender TEXT, price REAL, metadata TEXT, image BLOB, embedding BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_category ON items (category);
+CREATE INDEX IF NOT EXISTS items_subcategory ON items (subcategory);
+CREATE INDEX IF NOT EXISTS items_gender ON items (gender);
+CREATE INDEX IF NOT EXISTS items_price ON items (price);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+DISPLAY = ("id", "product_id", "name", "description", "category", "subcategory", "gender", "price")
+
+
+class IndexError_(ValueError):
+    """The index is missing, damaged, or does not fit the model."""
+
+
+class IndexMismatch(IndexError_):
+    pass
+
+
+@dataclass
+class IndexConfig:
+    kind: str = "flat"
+    nlist: int | None = None  # ivf: lists (default about 4 * sqrt(items))
+    nprobe: int = 16  # ivf: lists visited per query
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 128
+    patch_dtype: str = "float16"
+    batch_size: int = 32
+    jpeg_quality: int = 90
+
+    def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown index kind {self.kind!r}: use {', '.join(KINDS)}")
+        if self.patch_dtype not in PATCH_DTYPES:
+            raise ValueError(f"unknown patch dtype {self.patch_dtype!r}: use {', '.join(PATCH_DTYPES)}")
+        if self.nprobe < 1 or self.hnsw_m < 4 or self.ef_search < 1 or self.batch_size < 1:
+            raise ValueError("nprobe, ef_search and batch_size must be positive and hnsw_m at least 4")
+
+
+@dataclass
+class Filters:
+    category: str | None = None
+    subcategory: str | None = None
+    gender: str | None = None
+    price_min: float | None = None
+    price_max: float | None = None
+
+    def active(self) -> bool:
+        return any(v is not None for v in asdict(self).values())
+
+    def sql(self) -> tuple[str, list]:
+        clauses, args = [], []
+        for key in ("category", "subcategory", "gender"):
+            value = getattr(self, key)
+            if value is not None:
+                clauses.append(f"{key} = ? COLLATE NOCASE")
+                args.append(value)
+        if self.price_min is not None:
+            clauses.append("price >= ?")
+            args.append(float(self.price_min))
+        if self.price_max is not None:
+            clauses.append("price <= ?")
+            args.append(float(self.price_max))
+        return " AND ".join(clauses) or "1", args
+
+
+@dataclass
+class Hit:
+    row: int
+    id: str
+    score: float  # inner product of L2-normalised embeddings (cosine)
+
+
+def _jpeg(pixels: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PatchFile:
+    """Fixed-size records of patch states, appended by row number, read through a memory map."""
+
+    def __init__(self, directory: Path, patches: int, hidden: int, dtype: str):
+        self.path, self.scales_path = directory / "patches.bin", directory / "patch_scales.bin"
+        self.patches, self.hidden, self.dtype = patches, hidden, np.dtype(dtype)
+        self.record = patches * hidden * self.dtype.itemsize
+        self._map: np.memmap | None = None
+        self._scales: np.memmap | None = None
+        self._lock = threading.Lock()
+        for p in (self.path, self.scales_path) if dtype == "int8" else (self.path,):
+            p.touch(exist_ok=True)
+
+    @property
+    def bytes_per_item(self) -> int:
+        return self.record + (self.patches * 2 if self.dtype == np.int8 else 0)
+
+    def write(self, first_row: int, states: np.ndarray) -> None:
+        """Rows first_row.. get these (n, P, H) float states; flushed to disk before returning."""
+        if self.dtype == np.int8:
+            scale = np.maximum(np.abs(states).max(-1, keepdims=True), 1e-8) / 127.0  # per patch
+            data = np.clip(np.rint(states / scale), -127, 127).astype(np.int8)
+            self._write(self.scales_path, first_row * self.patches * 2, scale[..., 0].astype(np.float16).tobytes())
+        else:
+            data = states.astype(np.float16)
+        self._write(self.path, first_row * self.record, np.ascontiguousarray(data).tobytes())
+
+    @staticmethod
+    def _write(path: Path, offset: int, payload: bytes) -> None:
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _maps(self, needed_row: int) -> tuple[np.memmap, np.memmap | None]:
+        with self._lock:
+            if self._map is None or self._map.shape[0] <= needed_row:
+                rows = os.path.getsize(self.path) // self.record
+                if rows <= needed_row:
+                    raise IndexError_(f"{self.path} has no patch states for row {needed_row}: the index is damaged; rebuild it")
+                self._map = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(rows, self.patches, self.hidden))
+                if self.dtype == np.int8:
+                    self._scales = np.memmap(self.scales_path, dtype=np.float16, mode="r", shape=(rows, self.patches))
+            return self._map, self._scales
+
+    def read(self, rows: Iterable[int]) -> np.ndarray:
+        """(K, P, H) float32 patch states of these rows."""
+        rows = np.asarray(list(rows), dtype=np.int64)
+        if not len(rows):
+            return np.zeros((0, self.patches, self.hidden), dtype=np.float32)
+        data, scales = self._maps(int(rows.max()))
+        out = data[rows].astype(np.float32)
+        if scales is not None:
+            out *= scales[rows].astype(np.float32)[..., None]
+        return out
+
+
+class CatalogIndex:
+    """An opened INDEX_DIR. Thread-safe: searches run concurrently, writes one at a time."""
+
+    def __init__(self, directory: str | Path, model_hash: str | None = None, threads: int | None = None):
+        self.dir = Path(directory)
+        path = self.dir / "manifest.json"
+        if not path.is_file():
+            raise IndexError_(f"{self.dir}: no manifest.json (not an index built by `fashionbert index build`)")
+        try:
+            self.manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise IndexError_(f"{path}: not valid JSON ({exc})") from None
+        if self.manifest.get("format") != FORMAT:
+            raise IndexError_(f"{path}: unknown index format {self.manifest.get('format')!r}")
+        if model_hash is not None and model_hash != self.manifest["model_hash"]:
+            raise IndexMismatch(f"{self.dir} was built with model {self.manifest['model_hash']}, but the model loaded is "
+                                f"{model_hash}: rebuild the index with this model (`fashionbert index build`)")
+        if not (self.dir / "items.sqlite").is_file():
+            raise IndexError_(f"{self.dir}: items.sqlite is missing; rebuild the index")
+        m = self.manifest
+        self.config = IndexConfig(**m["config"])
+        self.embed_dim = m["embed_dim"]
+        self.patches = PatchFile(self.dir, m["num_patches"], m["hidden_size"], m["config"]["patch_dtype"])
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        if threads:
+            faiss.omp_set_num_threads(threads)
+        self.faiss = self._load_vectors()
+
+    # SQLite ------------------------------------------------------------------------------------
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """One connection per thread (sqlite3 connections are not shared across threads)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.dir / "items.sqlite", timeout=30, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._local.conn = conn
+        return conn
+
+    def generation(self) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(row[0]) if row else 0
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+
+    def count(self, filters: Filters | None = None) -> int:
+        where, args = (filters or Filters()).sql()
+        return self.db.execute(f"SELECT COUNT(*) FROM items WHERE {where}", args).fetchone()[0]
+
+    def item(self, item_id: str) -> dict | None:
+        row = self.db.execute(f"SELECT row, {', '.join(DISPLAY)}, metadata FROM items WHERE id = ?", (item_id,)).fetchone()
+        return _as_item(row) if row else None
+
+    def items_by_row(self, rows: list[int]) -> dict[int, dict]:
+        if not rows:
+            return {}
+        marks = ",".join("?" * len(rows))
+        found = self.db.execute(f"SELECT row, {', '.join(DISPLAY)}, metadata FROM items WHERE row IN ({marks})",
+                                [int(r) for r in rows]).fetchall()
+        return {r[0]: _as_item(r) for r in found}
+
+    def image(self, item_id: str) -> bytes | None:
+        row = self.db.execute("SELECT image FROM items WHERE id = ?", (item_id,)).fetchone()
+        return row[0] if row else None
+
+    def rows_of(self, ids: list[str]) -> dict[str, int]:
+        out = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            out.update(self.db.execute(f"SELECT id, row FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall())
+        return out
+
+    def embeddings(self, rows: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, embeddings) from SQLite: all items, or these rows."""
+        if rows is None:
+            found = self.db.execute("SELECT row, embedding FROM items ORDER BY row").fetchall()
+        else:
+            found = []
+            for i in range(0, len(rows), 500):
+                chunk = [int(r) for r in rows[i : i + 500]]
+                found += self.db.execute(f"SELECT row, embedding FROM items WHERE row IN ({','.join('?' * len(chunk))})",
+                                         chunk).fetchall()
+        ids = np.array([r for r, _ in found], dtype=np.int64)
+        emb = np.frombuffer(b"".join(e for _, e in found), dtype=np.float32).reshape(len(found), self.embed_dim)
+        return ids, emb
+
+    # FAISS -------------------------------------------------------------------------------------
+
+    def _vector_files(self) -> list[tuple[int, Path]]:
+        found = []
+        for p in self.dir.glob("vectors.*.faiss"):
+            try:
+                found.append((int(p.name.split(".")[1]), p))
+            except ValueError:
+                continue
+        return sorted(found)
+
+    def _load_vectors(self):
+        gen = self.generation()
+        files = self._vector_files()
+        current = dict(files).get(gen)
+        if current is not None:
+            index = faiss.read_index(str(current))
+        else:
+            # The newest file is behind the database: rebuild from the stored embeddings, keeping
+            # IVF's trained centroids when there is an older file to take them from.
+            log.warning("%s: the vector file is behind the item database (an interrupted update?); rebuilding it.", self.dir)
+            rows, emb = self.embeddings()
+            base = faiss.read_index(str(files[-1][1])) if files else None
+            index = _new_faiss(self.config, self.embed_dim, emb, trained=base)
+            if len(rows):
+                index.add_with_ids(emb, rows)
+            self._save_vectors(index, gen)
+        self._tune(index)
+        return index
+
+    def _tune(self, index) -> None:
+        if self.config.kind == "ivf":
+            faiss.extract_index_ivf(index).nprobe = self.config.nprobe
+        elif self.config.kind == "hnsw":
+            faiss.downcast_index(index.index).hnsw.efSearch = self.config.ef_search
+
+    def _save_vectors(self, index, gen: int) -> None:
+        tmp = self.dir / f"vectors.{gen}.faiss.tmp"
+        faiss.write_index(index, str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.dir / f"vectors.{gen}.faiss")
+        _fsync_dir(self.dir)
+        for g, p in self._vector_files():
+            if g < gen:
+                p.unlink(missing_ok=True)
+
+    # Search ------------------------------------------------------------------------------------
+
+    def search(self, query: np.ndarray, n: int, filters: Filters | None = None) -> list[Hit]:
+        """The n nearest items to an L2-normalised query embedding, best first.
+
+        With filters, the nearest n items that pass them, however deep they sit: the FAISS
+        search is restricted to the allowed rows, and when an approximate index finds fewer
+        than exist, the allowed rows are scored exactly.
+        """
+        if n < 1:
+            return []
+        query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
+        if query.shape[1] != self.embed_dim:
+            raise ValueError(f"query embedding has {query.shape[1]} dimensions, the index {self.embed_dim}")
+        allowed = None
+        if filters is not None and filters.active():
+            where, args = filters.sql()
+            allowed = np.array([r for (r,) in self.db.execute(f"SELECT row FROM items WHERE {where}", args)], dtype=np.int64)
+            if not len(allowed):
+                return []
+        available = len(allowed) if allowed is not None else self.faiss.ntotal
+        k = min(n, available)
+        params = None
+        if allowed is not None:
+            selector = faiss.IDSelectorBatch(allowed)
+            if self.config.kind == "ivf":
+                params = faiss.SearchParametersIVF(sel=selector, nprobe=self.config.nprobe)
+            else:
+                params = faiss.SearchParameters(sel=selector)
+        # A few spare results cover rows deleted from SQLite and not yet from a stale vector file.
+        scores, rows = self.faiss.search(query, min(k + 8, max(available, 1)) if allowed is None else k, params=params)
+        found = [(int(r), float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]
+        items = self.items_by_row([r for r, _ in found])
+        hits = [Hit(r, items[r]["id"], s) for r, s in found if r in items][:k]
+        expected = min(k, self.count(filters) if allowed is None else len(allowed))
+        if len(hits) < expected:
+            hits = self._exact(query[0], k, allowed)
+        return hits
+
+    def _exact(self, query: np.ndarray, k: int, allowed: np.ndarray | None) -> list[Hit]:
+        rows, emb = self.embeddings(None if allowed is None else allowed.tolist())
+        scores = emb @ query
+        top = np.argsort(-scores, kind="stable")[:k]
+        items = self.items_by_row(rows[top].tolist())
+        return [Hit(int(rows[i]), items[int(rows[i])]["id"], float(scores[i])) for i in top if int(rows[i]) in items]
+
+    # Updates -----------------------------------------------------------------------------------
+
+    def add(self, items: list[CatalogItem], model, progress: bool = False) -> int:
+        """Encode and add items (with images); visible to the next search and persisted. Returns how many."""
+        if self.config.kind == "hnsw":
+            raise IndexError_("an hnsw index cannot be updated in place: rebuild it, or build a flat or ivf index")
+        if not items:
+            return 0
+        ids = [it.id for it in items]
+        if len(set(ids)) != len(ids):
+            raise ValueError("the items to add repeat an id")
+        with self._write_lock:
+            clash = self.rows_of(ids)
+            if clash:
+                raise ValueError(f"{len(clash)} id(s) already in the index, e.g. {next(iter(clash))}: delete them first")
+            emb, states = encode_items(model, items, self.config.batch_size, progress)
+            first = self._next_row()
+            self.patches.write(first, states)  # invisible until the commit below
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                _insert(db, first, items, emb, self.config.jpeg_quality)
+                gen = self._bump(db)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            rows = np.arange(first, first + len(items), dtype=np.int64)
+            self.faiss.add_with_ids(np.ascontiguousarray(emb, dtype=np.float32), rows)
+            self._save_vectors(self.faiss, gen)
+        return len(items)
+
+    def delete(self, ids: list[str]) -> list[str]:
+        """Remove these ids; returns the ones that were not in the index."""
+        if self.config.kind == "hnsw":
+            raise IndexError_("an hnsw index cannot delete items: rebuild it, or build a flat or ivf index")
+        with self._write_lock:
+            rows = self.rows_of(list(ids))
+            missing = [i for i in ids if i not in rows]
+            if not rows:
+                return missing
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                marks = ",".join("?" * len(rows))
+                db.execute(f"DELETE FROM items WHERE row IN ({marks})", list(rows.values()))
+                gen = self._bump(db)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self.faiss.remove_ids(np.array(list(rows.values()), dtype=np.int64))
+            self._save_vectors(self.faiss, gen)
+        return missing
+
+    def _next_row(self) -> int:
+        # AUTOINCREMENT never reuses a row number, so stale patch bytes are never read as live.
+        seq = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()
+        return (seq[0] if seq else 0) + 1
+
+    @staticmethod
+    def _bump(db: sqlite3.Connection) -> int:
+        gen = int(db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]) + 1
+        db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(gen),))
+        return gen
+
+    def info(self) -> dict:
+        return {**{k: v for k, v in self.manifest.items() if k != "config"}, "config": asdict(self.config),
+                "items": len(self), "generation": self.generation(), "faiss_vectors": int(self.faiss.ntotal)}
+
+
+def _as_item(row) -> dict:
+    out = dict(zip(("row", *DISPLAY), row[:-1]))
+    out["metadata"] = json.loads(row[-1]) if row[-1] else {}
+    return out
+
+
+def _insert(db: sqlite3.Connection, first_row: int, items: list[CatalogItem], emb: np.ndarray, quality: int) -> None:
+    records = []
+    for i, it in enumerate(items):
+        meta = dict(it.metadata)
+        gender, price = meta.get("gender"), meta.get("price")
+        records.append((first_row + i, it.id, it.product_id, it.name, it.description, it.category, it.subcategory,
+                        gender if isinstance(gender, str) else None,
+                        float(price) if isinstance(price, (int, float)) and not isinstance(price, bool) else None,
+                        json.dumps(meta, default=str), _jpeg(it.image, quality),
+                        np.ascontiguousarray(emb[i], dtype=np.float32).tobytes()))
+    db.executemany("INSERT INTO items (row, id, product_id, name, description, category, subcategory, gender, price, "
+                   "metadata, image, embedding) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", records)
+
+
+def _new_faiss(cfg: IndexConfig, dim: int, train: np.ndarray, trained=None):
+    """An empty FAISS index of the configured kind whose ids are SQLite row numbers."""
+    if cfg.kind == "flat":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    if cfg.kind == "hnsw":
+        hnsw = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = cfg.ef_construction
+        return faiss.IndexIDMap2(hnsw)
+    if trained is not None:
+        index = trained
+        index.reset()
+    else:
+        nlist = cfg.nlist or max(1, min(int(4 * math.sqrt(max(len(train), 1))), len(train) // 39 or 1))
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(np.ascontiguousarray(train, dtype=np.float32))
+    # A hash-table direct map lets remove_ids and reconstruct find any id.
+    index.set_direct_map_type(faiss.DirectMap.Hashtable)
+    return index
+
+
+def encode_items(model, items: list[CatalogItem], batch_size: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    embs, states = [], []
+    for i in tqdm(range(0, len(items), batch_size), desc="Encoding images", unit="batch", disable=not progress):
+        e, s = model.encode_images(np.stack([it.image for it in items[i : i + batch_size]]))
+        embs.append(e)
+        states.append(s)
+    return np.concatenate(embs), np.concatenate(states)
+
+
+# Build -------------------------------------------------------------------------------------------
+
+
+def _batched(items: Iterator[CatalogItem], size: int) -> Iterator[list[CatalogItem]]:
+    batch = []
+    for it in items:
+        batch.append(it)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def build(model, catalog, out: str | Path, cfg: IndexConfig = IndexConfig(), split: str = "all",
+          overwrite: bool = False, progress: bool = True) -> dict:
+    """Encode every item of the catalog with the exported image tower and write INDEX_DIR atomically."""
+    cfg.validate()
+    out = Path(out)
+    if out.exists() and not overwrite and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty: pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed build
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    start = time.perf_counter()
+    try:
+        records = catalog.records(split)
+        if not records:
+            raise ValueError(f"the catalog has no {split} items to index")
+        db = sqlite3.connect(tmp / "items.sqlite", isolation_level=None)
+        db.executescript(SCHEMA)
+        db.execute("INSERT INTO meta VALUES ('generation', '1')")
+        patches = PatchFile(tmp, model.num_patches, model.hidden_size, cfg.patch_dtype)
+        row, encode_seconds = 1, 0.0
+        all_emb = []
+        bar = tqdm(total=len(records), desc="Indexing images", unit="img", disable=not progress, mininterval=0.5)
+        db.execute("BEGIN")
+        for batch in _batched(catalog.items(split), cfg.batch_size):
+            t0 = time.perf_counter()
+            emb, states = model.encode_images(np.stack([it.image for it in batch]))
+            encode_seconds += time.perf_counter() - t0
+            patches.write(row, states)
+            _insert(db, row, batch, emb, cfg.jpeg_quality)
+            all_emb.append(emb)
+            row += len(batch)
+            bar.update(len(batch))
+        db.execute("COMMIT")
+        bar.close()
+        db.close()
+        emb = np.concatenate(all_emb).astype(np.float32)
+        n = len(emb)
+        index = _new_faiss(cfg, model.embed_dim, emb)
+        index.add_with_ids(emb, np.arange(1, n + 1, dtype=np.int64))
+        faiss.write_index(index, str(tmp / "vectors.1.faiss"))
+        sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        manifest = {"format": FORMAT, "model_hash": model.model_hash, "embed_dim": model.embed_dim,
+                    "hidden_size": model.hidden_size, "num_patches": model.num_patches, "config": asdict(cfg),
+                    "items_at_build": n, "split": split, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "seconds": round(time.perf_counter() - start, 1), "encode_images_per_s": round(n / max(encode_seconds, 1e-9), 1),
+                    "bytes_per_item": {"patch_states": patches.bytes_per_item,
+                                       "total_on_disk": round(sum(sizes.values()) / n)}}
+        _write_json(tmp / "manifest.json", manifest)
+        _fsync_dir(tmp)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("Indexed %d items into %s (%s, %.0f images/s encoding, %d bytes of patch states per item) in %.0f s.",
+             n, out, cfg.kind, manifest["encode_images_per_s"], patches.bytes_per_item, manifest["seconds"])
+    return manifest
