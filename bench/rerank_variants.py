@@ -34,6 +34,21 @@ def gemm_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     contenders = {"numpy fp32": (a.numpy(), b.numpy()), "torch fp32": (a, b)}
     if cpu_supports_bf16():
         contenders["torch bf16"] = (a.bfloat16(), b.bfloat16())
+    # ONNX Runtime's own MatMul (MLAS), the kernel the exported graphs run on.
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    io_ = [helper.make_tensor_value_info(v, TensorProto.FLOAT, [n, n]) for v in "aby"]
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "mm", io_[:2], io_[2:])
+    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+                                .SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {"a": a.numpy(), "b": b.numpy()}
+
+    class _Ort:
+        def __matmul__(self, _):
+            return sess.run(None, feed)
+
+    contenders["onnxruntime fp32"] = (_Ort(), None)
     for name, (x, y) in contenders.items():
         x @ y
         best = float("inf")

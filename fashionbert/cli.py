@@ -205,6 +205,25 @@ def cmd_index_search(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from .service.app import create_app
+    from .service.settings import Settings
+
+    overrides = {k: v for k, v in (("model_dir", args.model), ("index_dir", args.index), ("threads", args.threads))
+                 if v is not None}
+    settings = Settings(**overrides)
+    for what, path in (("model", settings.model_dir), ("index", settings.index_dir)):
+        if not os.path.isfile(os.path.join(path, "manifest.json")):
+            raise ValueError(f"no {what} at {path}: build it first (`make demo`), or set --{what} / FASHIONBERT_{what.upper()}_DIR")
+    log.info("Starting the API on http://%s:%d (model %s, index %s).", args.host, args.port, settings.model_dir,
+             settings.index_dir)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+                access_log=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fashionbert", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
@@ -350,6 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rerank-k", dest="rerank_k", type=int, default=20, help="0 = no rerank")
     filter_args(q)
     q.set_defaults(func=cmd_index_search)
+
+    sv = sub.add_parser("serve", help="run the HTTP API and web page (settings: FASHIONBERT_* environment variables)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--model", help="model directory (default: FASHIONBERT_MODEL_DIR or data/model)")
+    sv.add_argument("--index", help="index directory (default: FASHIONBERT_INDEX_DIR or data/index)")
+    sv.add_argument("--threads", type=int)
+    sv.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -375,8 +375,9 @@ def export(run: str | Path, out: str | Path, cfg: ExportConfig = ExportConfig(),
     mode = train_cfg.get("feature_mode", "grid")
     summary = run / "summary.json"
     catalog = cfg.catalog or (json.loads(summary.read_text()).get("catalog") if summary.is_file() else None)
-    crop_size = 64
-    extractor = PatchFeatureExtractor(FeatureConfig(mode=mode, crop_size=crop_size)).eval()
+    if catalog:
+        open_catalog(catalog)  # a wrong path fails now, not after the export
+    extractor = PatchFeatureExtractor(FeatureConfig(mode=mode, crop_size=train_cfg.get("crop_size", 64))).eval()
     start = time.perf_counter()
 
     out.parent.mkdir(parents=True, exist_ok=True)

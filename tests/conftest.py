@@ -16,6 +16,31 @@ DATA = Path(__file__).parent / "data"
 FASHIONGEN_SAMPLE = DATA / "fashiongen_256_256_validation.h5"
 
 
+# A CI-sized FashionBERT: 2 layers (1 fused), one short epoch on the 48-product catalog.
+TINY_TRAIN = {"layers": 2, "fusion_layers": 1, "batch_size": 8, "subcategories_per_batch": 2, "cross_texts": 2,
+              "tia_negatives": 2, "epochs": 12, "max_minutes": 10, "val_products": 8, "val_queries": 4,
+              "checkpoint_minutes": 0, "precision": "bf16", "max_text_len": 32, "patience": 100}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(demo_catalog, tmp_path_factory) -> Path:
+    from fashionbert.model.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tiny")
+    train(demo_catalog, root / "run", TrainConfig.from_dict(TINY_TRAIN), features_path=root / "grid.h5", progress=False)
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_run, demo_catalog) -> Path:
+    """The tiny run exported to ONNX (variants chosen on 10 queries)."""
+    from fashionbert.model.export import ExportConfig, export
+
+    out = tiny_run.parent / "model"
+    export(tiny_run, out, ExportConfig(catalog=str(demo_catalog), select_queries=10), progress=False)
+    return out
+
+
 @pytest.fixture(scope="session")
 def demo_catalog(tmp_path_factory) -> Path:
     """A 48-product demo catalog in the generic format (read-only: copy it before changing it)."""

@@ -21,15 +21,9 @@ from fashionbert.catalog.readers import open_catalog
 from fashionbert.index.runtime import ExportedModel, ModelError
 from fashionbert.index.search import Searcher
 from fashionbert.index.store import CatalogIndex, Filters, IndexConfig, IndexError_, IndexMismatch, build
-from fashionbert.model.export import CrossEncoder, ExportConfig, ImageTower, TextTower, export, parity, protocol_ranks
+from fashionbert.model.export import CrossEncoder, ImageTower, TextTower, parity, protocol_ranks
 from fashionbert.model.fashionbert import load_model
 from fashionbert.model.features import FeatureConfig, PatchFeatureExtractor
-from fashionbert.model.train import TrainConfig, train
-
-TINY = {"layers": 2, "fusion_layers": 1, "batch_size": 8, "subcategories_per_batch": 2, "cross_texts": 2,
-        "tia_negatives": 2, "epochs": 1, "max_minutes": 10, "val_products": 8, "val_queries": 4,
-        "checkpoint_minutes": 0, "precision": "bf16", "max_text_len": 32}
-
 
 def cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "fashionbert.cli", *map(str, args)], capture_output=True, text=True,
@@ -37,17 +31,13 @@ def cli(*args, **kw):
 
 
 @pytest.fixture(scope="module")
-def run_dir(demo_catalog, tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    train(demo_catalog, root / "run", TrainConfig.from_dict(TINY), features_path=root / "grid.h5", progress=False)
-    return root / "run"
+def run_dir(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
-def model_dir(run_dir, demo_catalog):
-    out = run_dir.parent / "model"
-    export(run_dir, out, ExportConfig(catalog=str(demo_catalog), select_queries=10), progress=False)
-    return out
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -381,3 +371,18 @@ def test_searcher_reranks_the_top_k_and_keeps_the_tail(model, index_dir, items):
     assert [r.rank for r in reranked.results] == list(range(1, 31))
     late = searcher.search_text(items[3].caption, k=5, rerank_k=10, deadline=time.perf_counter() - 1)
     assert late.deadline_exceeded and late.reranked == 0 and [r.id for r in late.results] == [r.id for r in plain.results[:5]]
+
+
+def test_cli_export_with_a_fixed_variant_and_refusing_to_overwrite(run_dir, tmp_path):
+    out = tmp_path / "model"
+    proc = cli("export", "--run", run_dir, "--out", out, "--variant", "fp32", "--catalog", run_dir / "nowhere")
+    assert proc.returncode == 2 and "nowhere" in proc.stderr and not out.exists()  # a bad catalog: nothing written
+    proc = cli("export", "--run", run_dir, "--out", out, "--variant", "fp32")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["default_variant"] == "fp32" and list(manifest["cross_encoder_variants"]) == ["fp32"]
+    assert ExportedModel(out).variant == "fp32"
+    proc = cli("export", "--run", run_dir, "--out", out, "--variant", "fp32")
+    assert proc.returncode == 2 and "pass --overwrite" in proc.stderr
+    proc = cli("export", "--run", tmp_path / "no-run", "--out", tmp_path / "m2")
+    assert proc.returncode == 2 and "not a trained FashionBERT model directory" in proc.stderr

@@ -1,0 +1,206 @@
+"""What the API runs: the exported model and the index, with micro-batched inference off the event loop.
+
+Concurrent requests' work is gathered into shared runs: captions into one text-tower call, and
+(text states, patch states) pairs into one cross-encoder call, up to `batch_max_pairs` pairs,
+waiting at most `batch_wait_ms` for company. One worker thread per stage owns its ONNX
+Runtime session, so the event loop never blocks on inference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..catalog.images import ImageDecodeError, decode_image, to_model_image
+from ..catalog.items import CatalogItem
+from ..index.runtime import ExportedModel, TextBatch, sigmoid
+from ..index.store import CatalogIndex, Filters, Hit
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class BadInput(ValueError):
+    """A request's content is unusable (the message says why); answered with 422."""
+
+
+def decode_base64_image(data: str, max_bytes: int) -> np.ndarray:
+    """base64 (optionally a data: URL) -> the 256x256 model image."""
+    if data.startswith("data:"):
+        data = data.split(",", 1)[-1]
+    if len(data) > max_bytes * 4 // 3 + 4:
+        raise BadInput(f"image is over the {max_bytes:,}-byte limit")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadInput("image is not valid base64") from None
+    if not raw:
+        raise BadInput("image is empty")
+    try:
+        return to_model_image(decode_image(raw))
+    except ImageDecodeError as exc:
+        raise BadInput(f"image: {exc}") from None
+
+
+@dataclass
+class _Job:
+    inputs: object
+    size: int
+    future: Future = field(default_factory=Future)
+
+
+class MicroBatcher:
+    """A worker thread that runs `fn(list of inputs) -> list of outputs` over gathered jobs."""
+
+    def __init__(self, name: str, fn, max_size: int, max_wait_ms: float, on_batch=None):
+        self.fn, self.max_size, self.max_wait = fn, max_size, max_wait_ms / 1000
+        self.on_batch = on_batch
+        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
+        self.thread.start()
+
+    def submit(self, inputs, size: int = 1) -> Future:
+        job = _Job(inputs, size)
+        self.jobs.put(job)
+        return job.future
+
+    async def __call__(self, inputs, size: int = 1):
+        return await asyncio.wrap_future(self.submit(inputs, size))
+
+    def close(self) -> None:
+        self.jobs.put(None)
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            batch, size = [job], job.size
+            deadline = time.perf_counter() + self.max_wait
+            while size < self.max_size:
+                timeout = deadline - time.perf_counter()
+                try:
+                    nxt = self.jobs.get(timeout=max(timeout, 0)) if timeout > 0 else self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.jobs.put(None)
+                    break
+                batch.append(nxt)
+                size += nxt.size
+            try:
+                if self.on_batch:
+                    self.on_batch(size)
+                outputs = self.fn([j.inputs for j in batch])
+                for j, out in zip(batch, outputs):
+                    j.future.set_result(out)
+            except Exception as exc:  # handed to every waiting request
+                for j in batch:
+                    if not j.future.done():
+                        j.future.set_exception(exc)
+
+
+class Engine:
+    """One loaded model + index. A reload builds a new Engine beside the old and swaps."""
+
+    def __init__(self, settings: Settings, model_dir: str | None = None, index_dir: str | None = None,
+                 variant: str | None = None, on_batch=None):
+        self.settings = settings
+        self.model_dir = Path(model_dir or settings.model_dir)
+        self.index_dir = Path(index_dir or settings.index_dir)
+        providers = [p.strip() for p in settings.providers.split(",") if p.strip()] if settings.providers else None
+        self.model = ExportedModel(self.model_dir, variant=variant or settings.variant, threads=settings.threads,
+                                   providers=providers)
+        self.index = CatalogIndex(self.index_dir, model_hash=self.model.model_hash, threads=settings.threads)
+        self.itc_scale = float(self.model.manifest.get("itc_scale", 0.0))
+        self.model_version = f"{self.model.model_hash[:12]}/{self.model.variant}"
+        self.write_lock = threading.Lock()
+        self.text_batcher = MicroBatcher("text", self._encode_texts, settings.batch_max_pairs, settings.batch_wait_ms)
+        self.cross_batcher = MicroBatcher("cross", self._cross, settings.batch_max_pairs, settings.batch_wait_ms, on_batch)
+
+    @property
+    def index_version(self) -> str:
+        return f"{self.index.manifest['built']}/gen{self.index.generation()}"
+
+    def close(self) -> None:
+        self.text_batcher.close()
+        self.cross_batcher.close()
+
+    # Batched stages (worker threads) -------------------------------------------------------------
+
+    def _encode_texts(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        batch = self.model.encode_text(texts)
+        out = []
+        for i in range(len(texts)):
+            width = int(batch.mask[i].sum())
+            out.append((batch.embedding[i], batch.states[i, :width]))
+        return out
+
+    def _cross(self, jobs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Each job: one caption's states (T, H) against K items' patch states (K, P, H)."""
+        width = max(states.shape[0] for states, _ in jobs)
+        hidden = jobs[0][0].shape[1]
+        total = sum(len(p) for _, p in jobs)
+        text = np.zeros((total, width, hidden), dtype=np.float32)
+        mask = np.zeros((total, width), dtype=np.int64)
+        row = 0
+        for states, patches in jobs:
+            text[row : row + len(patches), : len(states)] = states
+            mask[row : row + len(patches), : len(states)] = 1
+            row += len(patches)
+        logits = self.model.match_logits(text, mask, np.concatenate([p for _, p in jobs]))
+        out, row = [], 0
+        for _, patches in jobs:
+            out.append(logits[row : row + len(patches)])
+            row += len(patches)
+        return out
+
+    # What the endpoints call ---------------------------------------------------------------------
+
+    async def encode_text(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        return await self.text_batcher(text)
+
+    async def match_logits(self, text_states: np.ndarray, patch_states: np.ndarray) -> np.ndarray:
+        return await self.cross_batcher((text_states, patch_states), size=len(patch_states))
+
+    async def encode_image(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        emb, states = await asyncio.to_thread(self.model.encode_images, pixels[None])
+        return emb[0], states[0]
+
+    async def recall(self, embedding: np.ndarray, n: int, filters: Filters | None) -> list[Hit]:
+        return await asyncio.to_thread(self.index.search, embedding, n, filters)
+
+    async def patch_states(self, rows: list[int]) -> np.ndarray:
+        return await asyncio.to_thread(self.index.patches.read, rows)
+
+    def fused(self, logits: np.ndarray, hits: list[Hit]) -> np.ndarray:
+        return logits + self.itc_scale * np.array([h.score for h in hits])
+
+    @staticmethod
+    def probability(logits: np.ndarray) -> np.ndarray:
+        return sigmoid(logits)
+
+    async def add_item(self, item: CatalogItem) -> None:
+        def run():
+            with self.write_lock:
+                self.index.add([item], self.model)
+
+        await asyncio.to_thread(run)
+
+    async def delete_item(self, item_id: str) -> bool:
+        def run():
+            with self.write_lock:
+                return not self.index.delete([item_id])
+
+        return await asyncio.to_thread(run)

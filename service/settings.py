@@ -1,0 +1,29 @@
+"""Service settings, from the environment (prefix FASHIONBERT_) or a .env file."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FASHIONBERT_", env_file=".env", extra="ignore")
+
+    model_dir: str = "data/model"
+    index_dir: str = "data/index"
+    variant: str | None = Field(None, description="cross-encoder variant; default: the export's choice")
+    threads: int | None = Field(None, ge=1, description="ONNX Runtime and FAISS threads; default: all cores")
+    providers: str | None = Field(None, description="ONNX Runtime execution providers, comma-separated "
+                                  "(e.g. CUDAExecutionProvider,CPUExecutionProvider); default: CPU")
+    api_key: str | None = Field(None, description="required by POST/DELETE /items and /admin/reload when set")
+
+    max_body_bytes: int = Field(12 * 1024 * 1024, ge=1024)
+    max_text_chars: int = Field(1000, ge=1)
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_match_pairs: int = Field(64, ge=1)
+    max_concurrency: int = Field(16, ge=1, description="requests in flight; beyond it 503 with Retry-After")
+    retry_after_s: int = Field(1, ge=1)
+    deadline_ms: float = Field(2000.0, gt=0, description="after this, /search returns the recall order, flagged")
+    batch_max_pairs: int = Field(64, ge=1, description="micro-batching: most cross-encoder pairs in one run")
+    batch_wait_ms: float = Field(2.0, ge=0, description="micro-batching: how long a batch waits for company")
+    match_threshold: float = Field(0.5, ge=0, le=1)

@@ -1,0 +1,69 @@
+"""No Docker engine runs here: check that the containers run only CLI commands the host tests run,
+and that every file the Dockerfile and the compose file name exists."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fashionbert.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+PIPELINE = (ROOT / "docker" / "pipeline.sh").read_text()
+
+
+def container_commands() -> list[list[str]]:
+    """Every `fashionbert ...` command a container runs: compose commands, Dockerfile CMDs, the pipeline script."""
+    commands = [svc["command"] for svc in COMPOSE["services"].values() if isinstance(svc.get("command"), list)]
+    commands += [eval(m) for m in re.findall(r"^CMD (\[.*\])$", DOCKERFILE, re.M)]  # JSON-form CMDs
+    for line in PIPELINE.splitlines():
+        if "fashionbert " in line and not line.lstrip().startswith("#"):
+            commands.append(shlex.split(line[line.index("fashionbert "):].replace('"', "")))
+    return [c for c in commands if c and c[0] == "fashionbert"]
+
+
+def test_containers_run_only_cli_commands_that_parse_and_that_the_tests_run():
+    commands = container_commands()
+    stages = {tuple(c[1:3]) if c[1] in ("catalog", "index") else (c[1],) for c in commands}
+    assert {("catalog", "demo"), ("features",), ("train",), ("export",), ("index", "build"), ("serve",)} <= stages
+    tests = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py") if p.name != "test_docker.py")
+    parser = build_parser()
+    for command in commands:
+        args = [a.replace("$DATA", "/data").replace("$N", "6000") for a in command[1:]]
+        parser.parse_args(args)  # exits (fails the test) on an unknown subcommand or option
+        stage = " ".join(args[:2] if args[0] in ("catalog", "index") else args[:1])
+        quoted = '", "'.join(stage.split())
+        assert f'"{quoted}"' in tests or f"'{quoted}'" in tests, f"no host test runs `fashionbert {stage}`"
+
+
+def test_every_file_the_images_and_compose_name_exists():
+    for src in re.findall(r"^COPY (?!--from)(\S+(?: \S+)*?) \S+$", DOCKERFILE, re.M):
+        for path in src.split():
+            assert (ROOT / path).exists(), f"Dockerfile copies {path}, which does not exist"
+    for svc in COMPOSE["services"].values():
+        for volume in svc.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (ROOT / source).exists(), f"compose mounts {source}, which does not exist"
+        build = svc.get("build")
+        if build:
+            assert (ROOT / build["context"] / build.get("dockerfile", "Dockerfile")).is_file()
+            assert f"AS {build['target']}" in DOCKERFILE, f"no Dockerfile target {build['target']}"
+    assert (ROOT / "docker" / "pipeline.sh").stat().st_mode & 0o111, "pipeline.sh must be executable"
+
+
+def test_api_waits_for_the_pipeline_and_checks_readiness():
+    api = COMPOSE["services"]["api"]
+    assert api["depends_on"]["pipeline"]["condition"] == "service_completed_successfully"
+    assert "/readyz" in " ".join(api["healthcheck"]["test"]) and "8000:8000" in api["ports"]
+    assert "api:8000" in (ROOT / "docker" / "prometheus.yml").read_text()
+    assert "gpu" in COMPOSE["services"]["api-gpu"]["profiles"]
+    assert "onnxruntime-gpu" in DOCKERFILE and "faiss-gpu" in DOCKERFILE and "CUDAExecutionProvider" in DOCKERFILE
+    serve_stage = DOCKERFILE.split("AS serve\n")[1].split("FROM ")[0]
+    assert "torch" not in serve_stage and "pipeline" not in serve_stage  # the serving image has no torch

@@ -1,0 +1,307 @@
+"""The HTTP API against a real uvicorn on 127.0.0.1, with a real (tiny) exported model and index."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from fashionbert.catalog.readers import open_catalog
+from fashionbert.index.runtime import ExportedModel
+from fashionbert.index.store import build
+
+API_KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`fashionbert serve` in a subprocess; restartable on the same port and directories."""
+
+    def __init__(self, model_dir: Path, index_dir: Path, **env):
+        self.model_dir, self.index_dir = model_dir, index_dir
+        self.port = free_port()
+        self.env = {**os.environ, "FASHIONBERT_API_KEY": API_KEY, "FASHIONBERT_THREADS": "1",
+                    **{f"FASHIONBERT_{k.upper()}": str(v) for k, v in env.items()}}
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self) -> "Server":
+        self.log = open(self.index_dir.parent / f"server-{self.port}.log", "a")
+        self.proc = subprocess.Popen([sys.executable, "-m", "fashionbert.cli", "serve", "--port", str(self.port),
+                                      "--model", str(self.model_dir), "--index", str(self.index_dir)],
+                                     env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            assert self.proc.poll() is None, (self.index_dir.parent / f"server-{self.port}.log").read_text()
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("the server did not become ready in 60 s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def items(demo_catalog):
+    return list(open_catalog(demo_catalog).items())
+
+
+@pytest.fixture(scope="module")
+def index_dir(tiny_model_dir, demo_catalog, tmp_path_factory):
+    out = tmp_path_factory.mktemp("service") / "index"
+    build(ExportedModel(tiny_model_dir), open_catalog(demo_catalog), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, index_dir):
+    s = Server(tiny_model_dir, index_dir).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+def b64_image(pixels: np.ndarray, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+# Search and match --------------------------------------------------------------------------------
+
+
+def test_search_returns_ranked_items_with_images_and_stage_timings(client, items):
+    r = client.post("/search", json={"text": items[5].caption, "k": 10})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["items"]) == 10 and [it["rank"] for it in body["items"]] == list(range(1, 11))
+    assert body["reranked"] == 20 and not body["deadline_exceeded"]
+    assert {"encode", "recall", "rerank", "total"} <= set(body["timings_ms"])
+    assert body["model_version"] and body["index_version"]
+    first = body["items"][0]
+    assert first["match_probability"] is not None and 0 <= first["match_probability"] <= 1
+    image = client.get(first["image_url"])
+    assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(image.content)).size == (256, 256)
+    scores = [it["score"] for it in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_search_serves_exactly_the_python_pipeline(client, tiny_model_dir, index_dir, items):
+    from fashionbert.index.search import Searcher
+    from fashionbert.index.store import CatalogIndex
+
+    searcher = Searcher(ExportedModel(tiny_model_dir, variant=None), CatalogIndex(index_dir))
+    for it in [it for it in items if it.split == "validation"]:
+        body = client.post("/search", json={"text": it.caption, "k": 10}).json()
+        expected = searcher.search_text(it.caption, k=10)
+        assert [x["id"] for x in body["items"]] == [x.id for x in expected.results]
+        assert [x["score"] for x in body["items"]] == pytest.approx([x.score for x in expected.results], abs=1e-4)
+
+
+def test_image_query_is_more_like_this_without_rerank(client, items):
+    r = client.post("/search", json={"image": b64_image(items[7].image), "k": 3})
+    body = r.json()
+    assert r.status_code == 200 and body["items"][0]["id"] == items[7].id and body["reranked"] == 0
+
+
+def test_filters_are_honoured(client, items):
+    sub = items[3].subcategory
+    r = client.post("/search", json={"text": "a black item", "k": 100, "filters": {"subcategory": sub}})
+    got = r.json()["items"]
+    assert r.status_code == 200 and {x["subcategory"] for x in got} == {sub}
+    assert len(got) == sum(it.subcategory == sub for it in items)
+    r = client.post("/search", json={"text": "a black item", "k": 100, "filters": {"price_min": 100, "price_max": 200}})
+    assert all(100 <= x["price"] <= 200 for x in r.json()["items"])
+    assert len(r.json()["items"]) == sum(100 <= it.metadata["price"] <= 200 for it in items)
+
+
+def test_match_scores_the_true_pair_above_a_same_subcategory_negative(client, items):
+    wins, pairs = 0, 0
+    for it in items[:16]:
+        other = next(o for o in items if o.subcategory == it.subcategory and o.product_id != it.product_id)
+        true = client.post("/match", json={"text": it.caption, "item_id": it.id}).json()
+        false = client.post("/match", json={"text": it.caption, "image": b64_image(other.image)}).json()
+        assert 0 <= true["score"] <= 1 and isinstance(true["match"], bool)
+        wins += true["score"] > false["score"]
+        pairs += 1
+    assert wins / pairs >= 0.75, f"the true pair won {wins} of {pairs}"
+    batch = client.post("/match/batch", json={"pairs": [{"text": items[0].caption, "item_id": items[0].id},
+                                                         {"text": items[0].caption, "item_id": items[1].id}]})
+    assert batch.status_code == 200 and len(batch.json()["results"]) == 2
+    single = client.post("/match", json={"text": items[0].caption, "item_id": items[0].id}).json()
+    # Dynamic int8 variants scale activations per run, so a pair's score moves slightly with the
+    # other pairs batched beside it; fp32 would agree to 1e-5.
+    assert batch.json()["results"][0]["score"] == pytest.approx(single["score"], abs=1e-2)
+
+
+# Items, persistence ------------------------------------------------------------------------------
+
+
+def test_add_find_delete_and_survive_a_restart(server, client, items):
+    source = items[11]
+    new = {"id": "new-item-1", "image": b64_image(source.image, "JPEG"), "name": source.name,
+           "description": source.description, "category": source.category, "subcategory": source.subcategory,
+           "metadata": {"gender": "WOMEN", "price": 123.0}}
+    assert client.post("/items", json=new).status_code == 401  # an API key is configured
+    r = client.post("/items", json=new, headers={"X-API-Key": API_KEY})
+    assert r.status_code == 201, r.text
+    assert client.post("/items", json=new, headers={"X-API-Key": API_KEY}).status_code == 409
+    hit = client.post("/search", json={"image": new["image"], "k": 2}).json()["items"]
+    assert "new-item-1" in [h["id"] for h in hit]
+    assert client.get("/items/new-item-1").json()["price"] == 123.0
+
+    server.stop()
+    server.start()
+    assert client.get("/items/new-item-1").status_code == 200  # persisted
+    assert client.delete("/items/new-item-1").status_code == 401
+    assert client.delete("/items/new-item-1", headers={"X-API-Key": API_KEY}).status_code == 200
+    assert client.delete("/items/new-item-1", headers={"X-API-Key": API_KEY}).status_code == 404
+    every = client.post("/search", json={"image": new["image"], "k": 100}).json()["items"]
+    assert "new-item-1" not in [h["id"] for h in every]
+
+    server.stop()
+    server.start()
+    assert client.get("/items/new-item-1").status_code == 404
+    every = client.post("/search", json={"text": source.caption, "k": 100, "candidates": 1000}).json()["items"]
+    assert "new-item-1" not in [h["id"] for h in every] and len(every) == len(items)
+
+
+# Bad input ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"text": "shirt", "colour": "red"}, 422, "Extra inputs are not permitted"),
+    ({"text": ""}, 422, "text is empty"),
+    ({"text": "   "}, 422, "text is empty"),
+    ({"text": "x" * 1001}, 422, "1000-character limit"),
+    ({"text": 42}, 422, "valid string"),
+    ({}, 422, "exactly one of text or image"),
+    ({"text": "a", "image": "aGk="}, 422, "exactly one of text or image"),
+    ({"text": "shirt", "k": 0}, 422, "greater than or equal to 1"),
+    ({"text": "shirt", "k": 101}, 422, "less than or equal to 100"),
+    ({"text": "shirt", "candidates": 5000}, 422, "less than or equal to 1000"),
+    ({"text": "shirt", "filters": {"price_min": 50, "price_max": 10}}, 422, "price_min is above price_max"),
+    ({"image": "not base64 !!"}, 422, "not valid base64"),
+    ({"image": base64.b64encode(b"GIF89a broken").decode()}, 422, "not a readable image"),
+    ({"image": base64.b64encode(b"%PDF-1.4 not an image at all").decode()}, 422, "not a readable image"),
+])
+def test_bad_search_input_gets_a_clear_4xx(client, body, status, message):
+    r = client.post("/search", json=body)
+    assert r.status_code == status and message in r.json()["detail"], r.text
+    assert "Traceback" not in r.text
+
+
+def test_other_bad_input(client, items):
+    r = client.post("/search", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.json()["detail"]
+    r = client.post("/search", content=b"x" * (13 * 1024 * 1024), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    assert client.get("/items/no-such-id").status_code == 404
+    assert client.get("/items/no-such-id/image").status_code == 404
+    r = client.post("/match", json={"text": "shirt", "item_id": "no-such-id"})
+    assert r.status_code == 404 and "no-such-id" in r.json()["detail"]
+    buf = io.BytesIO()
+    Image.new("L", (7000, 7000)).save(buf, format="PNG")  # 49 Mpx in a few kilobytes
+    r = client.post("/search", json={"image": base64.b64encode(buf.getvalue()).decode()})
+    assert r.status_code == 422 and "pixel limit" in r.json()["detail"]
+    pairs = [{"text": "a", "item_id": items[0].id}] * 65
+    r = client.post("/match/batch", json={"pairs": pairs})
+    assert r.status_code == 422 and "at most 64 pairs" in r.json()["detail"]
+    r = client.post("/items", json={"id": "x"}, headers={"X-API-Key": API_KEY})
+    assert r.status_code == 422
+
+
+# Operations --------------------------------------------------------------------------------------
+
+
+def test_health_readiness_and_metrics_count(client, items):
+    assert client.get("/healthz").json() == {"status": "alive"}
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["items"] >= len(items) - 1
+    before = _metric(client.get("/metrics").text, 'fashionbert_requests_total{endpoint="/search",method="POST",status="200"}')
+    client.post("/search", json={"text": items[0].caption})
+    text = client.get("/metrics").text
+    assert _metric(text, 'fashionbert_requests_total{endpoint="/search",method="POST",status="200"}') == before + 1
+    for stage in ("encode", "recall", "rerank"):
+        assert f'fashionbert_stage_seconds_count{{stage="{stage}"}}' in text
+    assert "fashionbert_rerank_batch_pairs_bucket" in text and "fashionbert_index_items" in text
+    assert 'fashionbert_build_info{' in text
+    assert 'fashionbert_request_seconds_bucket{endpoint="/search"' in text
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_reload_swaps_and_a_broken_reload_keeps_serving(client, tiny_model_dir, index_dir, tmp_path):
+    assert client.post("/admin/reload", json={}).status_code == 401
+    r = client.post("/admin/reload", json={"variant": "fp32"}, headers={"X-API-Key": API_KEY})
+    assert r.status_code == 200 and r.json()["model"].endswith("/fp32")
+    assert client.get("/readyz").json()["model"].endswith("/fp32")
+    r = client.post("/admin/reload", json={"index_dir": str(tmp_path / "nothing")}, headers={"X-API-Key": API_KEY})
+    assert r.status_code == 422 and not r.json()["reloaded"] and "no manifest.json" in r.json()["detail"]
+    assert client.post("/search", json={"text": "red shirt"}).status_code == 200
+    assert client.get("/readyz").json()["model"].endswith("/fp32")
+    r = client.post("/admin/reload", json={}, headers={"X-API-Key": API_KEY})  # back to the export's default
+    assert r.status_code == 200
+
+
+def test_concurrency_limit_answers_503_with_retry_after(tiny_model_dir, index_dir, items):
+    s = Server(tiny_model_dir, index_dir, max_concurrency=1, batch_wait_ms=300).start()
+    try:
+        import concurrent.futures as cf
+
+        with httpx.Client(base_url=s.url, timeout=30) as c, cf.ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda _: c.post("/search", json={"text": items[0].caption}), range(8)))
+        statuses = sorted(r.status_code for r in codes)
+        assert 200 in statuses and 503 in statuses and set(statuses) <= {200, 503}
+        busy = next(r for r in codes if r.status_code == 503)
+        assert busy.headers["Retry-After"] == "1" and "busy" in busy.json()["detail"]
+    finally:
+        s.stop()
+
+
+def test_deadline_returns_the_recall_order_flagged(tiny_model_dir, index_dir, items):
+    s = Server(tiny_model_dir, index_dir, deadline_ms=1, batch_wait_ms=50).start()
+    try:
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            body = c.post("/search", json={"text": items[0].caption, "k": 5}).json()
+            plain = c.post("/search", json={"text": items[0].caption, "k": 5, "rerank": False}).json()
+        assert body["deadline_exceeded"] and body["reranked"] == 0
+        assert [x["id"] for x in body["items"]] == [x["id"] for x in plain["items"]]
+    finally:
+        s.stop()
+
