@@ -19,7 +19,6 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fashionbert.model.export import VariantBench, split_items, time_side_by_side

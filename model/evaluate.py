@@ -178,10 +178,10 @@ def markdown(result: dict) -> str:
               "| pipeline | R@1 | R@5 | R@10 |", "| --- | ---: | ---: | ---: |"]
     rows = [("two_tower_t2i", "two-tower only"), ("reranked_t2i", f"two-tower top {g['N']} → cross-encoder rerank of top {g['K']}")]
     if "fused_t2i" in g:
-        rows.append(("fused_t2i", f"same, reranked by cross-encoder logit + two-tower logit"))
+        rows.append(("fused_t2i", "same, reranked by cross-encoder logit + two-tower logit"))
     for key, name in rows:
         lines.append(f"| {name} | " + " | ".join(f"{g[key][k]:.2f}" for k in ("R@1", "R@5", "R@10")) + " |")
-    lines.append(f"| image → text, two-tower only | " + " | ".join(f"{g['two_tower_i2t'][k]:.2f}" for k in ("R@1", "R@5", "R@10")) + " |")
+    lines.append("| image → text, two-tower only | " + " | ".join(f"{g['two_tower_i2t'][k]:.2f}" for k in ("R@1", "R@5", "R@10")) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -185,7 +185,6 @@ def compute_features(catalog: Catalog, out: str | os.PathLike, extractor=None, *
     old_rows = {} if old is None else {i: (h, r) for r, (i, h) in enumerate(zip(old.ids, old.hashes))}
 
     parts = _Parts(Path(f"{out}.parts"), identity)
-    resumable = len(parts.entries)
     selected = catalog.records(split)
     order = [r.id for r in selected]
     chosen = set(order)

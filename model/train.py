@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import resource
 import shutil
 import time

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import logging
 import queue
 import threading
@@ -24,7 +23,7 @@ import numpy as np
 
 from ..catalog.images import ImageDecodeError, decode_image, to_model_image
 from ..catalog.items import CatalogItem
-from ..index.runtime import ExportedModel, TextBatch, sigmoid
+from ..index.runtime import ExportedModel, sigmoid
 from ..index.store import CatalogIndex, Filters, Hit
 from .settings import Settings
 

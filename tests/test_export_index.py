@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from fashionbert.index.store import CatalogIndex, Filters, IndexConfig, IndexErr
 from fashionbert.model.export import CrossEncoder, ImageTower, TextTower, parity, protocol_ranks
 from fashionbert.model.fashionbert import load_model
 from fashionbert.model.features import FeatureConfig, PatchFeatureExtractor
+
 
 def cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "fashionbert.cli", *map(str, args)], capture_output=True, text=True,
