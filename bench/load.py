@@ -65,12 +65,12 @@ class Server:
 
 
 async def run_cell(url: str, captions: list[str], concurrency: int, rerank_k: int, requests: int, limit_s: float):
-    latencies, errors, fivexx, stages = [], 0, 0, []
+    latencies, errors, fivexx, stages, late = [], 0, 0, [], 0
     sent = 0
     lock = asyncio.Lock()
 
     async def worker(client: httpx.AsyncClient):
-        nonlocal sent, errors, fivexx
+        nonlocal sent, errors, fivexx, late
         while True:
             async with lock:
                 if sent >= requests or time.perf_counter() > stop_at:
@@ -91,7 +91,9 @@ async def run_cell(url: str, captions: list[str], concurrency: int, rerank_k: in
             if r.status_code != 200:
                 errors += 1
             else:
-                stages.append(r.json()["timings_ms"])
+                body = r.json()
+                stages.append(body["timings_ms"])
+                late += body["deadline_exceeded"]
 
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
         await client.post("/search", json={"text": captions[0], "rerank_k": max(rerank_k, 1)})  # warm-up
@@ -106,7 +108,8 @@ async def run_cell(url: str, captions: list[str], concurrency: int, rerank_k: in
         for key in ("encode", "recall", "rerank"):
             share[key] = sum(s.get(key, 0) for s in stages) / total * 100 if total else 0
     return {"n": len(latencies), "p50": np.percentile(lat, 50), "p95": np.percentile(lat, 95),
-            "p99": np.percentile(lat, 99), "qps": len(latencies) / wall, "errors": errors, "5xx": fivexx, "share": share}
+            "p99": np.percentile(lat, 99), "qps": len(latencies) / wall, "errors": errors, "5xx": fivexx, "share": share,
+            "late": late}
 
 
 def main() -> None:
@@ -124,8 +127,9 @@ def main() -> None:
     print(f"Machine: {platform.machine()}, {len(os.sched_getaffinity(0))} cores; {time.strftime('%Y-%m-%d')}; "
           f"`bench/load.py --requests {args.requests}`; POST /search k 10, candidates 100, real captions.")
     print()
-    print("| concurrency | rerank_k | requests | p50 ms | p95 ms | p99 ms | QPS | errors | 5xx | encode / recall / rerank share |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| concurrency | rerank_k | requests | p50 ms | p95 ms | p99 ms | QPS | errors | 5xx | deadline hit | "
+          "encode / recall / rerank share |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     server = Server(args.model, args.index)
     try:
         for c in (int(x) for x in args.concurrency.split(",")):
@@ -133,7 +137,7 @@ def main() -> None:
                 r = asyncio.run(run_cell(server.url, captions, c, k, args.requests, args.limit_s))
                 share = " / ".join(f"{r['share'].get(s, 0):.0f} %" for s in ("encode", "recall", "rerank"))
                 print(f"| {c} | {k} | {r['n']} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['qps']:.1f} | "
-                      f"{r['errors']} | {r['5xx']} | {share} |", flush=True)
+                      f"{r['errors']} | {r['5xx']} | {r['late']} | {share} |", flush=True)
         rss = peak_rss_mb(server.proc.pid)
     finally:
         server.stop()

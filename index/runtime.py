@@ -44,6 +44,9 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Three sessions (text, image, cross-encoder) share the cores: a pool that spins after its
+    # run would steal a core from the next session's run.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 

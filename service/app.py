@@ -128,24 +128,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse({"detail": f"request body over the {settings.max_body_bytes:,}-byte limit"}, 413)
         state = state_holder.get("state")
         slot = state is not None and request.url.path in limited
-        if slot and state.slots.locked():
-            metrics.rejected.inc()
-            metrics.requests.labels(endpoint, request.method, "503").inc()
-            return JSONResponse({"detail": "busy: too many requests in flight, retry shortly"}, 503,
-                                headers={"Retry-After": str(settings.retry_after_s)})
         start = time.perf_counter()
+        if slot:
+            # A short, bounded wait for a slot (a client's next request can arrive a moment
+            # before the previous one has let go of its slot); beyond it, 503 rather than a queue.
+            try:
+                await asyncio.wait_for(state.slots.acquire(), settings.queue_wait_ms / 1000)
+            except asyncio.TimeoutError:
+                metrics.rejected.inc()
+                metrics.requests.labels(endpoint, request.method, "503").inc()
+                return JSONResponse({"detail": "busy: too many requests in flight, retry shortly"}, 503,
+                                    headers={"Retry-After": str(settings.retry_after_s)})
         metrics.in_flight.inc()
         try:
-            if slot:
-                async with state.slots:
-                    response = await call_next(request)
-            else:
-                response = await call_next(request)
+            response = await call_next(request)
         except Exception:  # never a stack trace to the client
             log.exception("Unhandled error on %s", request.url.path)
             response = JSONResponse({"detail": "internal error"}, 500)
         finally:
             metrics.in_flight.dec()
+            if slot:
+                state.slots.release()
         metrics.requests.labels(endpoint, request.method, str(response.status_code)).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
         return response

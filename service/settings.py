@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_match_pairs: int = Field(64, ge=1)
     max_concurrency: int = Field(16, ge=1, description="requests in flight; beyond it 503 with Retry-After")
+    queue_wait_ms: float = Field(200.0, ge=0, description="how long a request may wait for a slot before the 503")
     retry_after_s: int = Field(1, ge=1)
     deadline_ms: float = Field(2000.0, gt=0, description="after this, /search returns the recall order, flagged")
     batch_max_pairs: int = Field(64, ge=1, description="micro-batching: most cross-encoder pairs in one run")
