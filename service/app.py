@@ -203,11 +203,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 t0 = time.perf_counter()
                 patches = await eng.patch_states([h.row for h in top])
                 remaining = deadline - time.perf_counter()
-                try:
-                    logits = await asyncio.wait_for(eng.match_logits(text_states, patches), max(remaining, 0.001))
-                except asyncio.TimeoutError:
+                # Waited on, never cancelled: the batched run goes on for its other requests.
+                job = asyncio.ensure_future(eng.match_logits(text_states, patches))
+                done, _ = await asyncio.wait({job}, timeout=max(remaining, 0.001))
+                if not done:
                     late = True
+                    job.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it now
                 else:
+                    logits = job.result()
                     fused, prob = eng.fused(logits, top), eng.probability(logits)
                     head = sorted(zip(top, fused, prob), key=lambda x: -x[1])
                     order = [(h, float(f), float(p)) for h, f, p in head] + order[len(top):]

@@ -103,7 +103,8 @@ class MicroBatcher:
                     self.on_batch(size)
                 outputs = self.fn([j.inputs for j in batch])
                 for j, out in zip(batch, outputs):
-                    j.future.set_result(out)
+                    if not j.future.done():  # a request that gave up may have cancelled its future
+                        j.future.set_result(out)
             except Exception as exc:  # handed to every waiting request
                 for j in batch:
                     if not j.future.done():

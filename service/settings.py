@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     queue_wait_ms: float = Field(200.0, ge=0, description="how long a request may wait for a slot before the 503")
     retry_after_s: int = Field(1, ge=1)
     deadline_ms: float = Field(2000.0, gt=0, description="after this, /search returns the recall order, flagged")
-    batch_max_pairs: int = Field(64, ge=1, description="micro-batching: most cross-encoder pairs in one run")
-    batch_wait_ms: float = Field(2.0, ge=0, description="micro-batching: how long a batch waits for company")
+    # Micro-batching across requests. On the 2-core CPU it measured slower than running each
+    # request's pairs alone (the cross-encoder is already matrix-product bound at K = 20, and a
+    # bigger run only makes early requests wait for late ones; BENCHMARKS.md), so the default
+    # runs each request alone. Where batches are nearly free (a GPU): 64 pairs and 2-5 ms.
+    batch_max_pairs: int = Field(1, ge=1, description="micro-batching: most cross-encoder pairs (texts) in one run")
+    batch_wait_ms: float = Field(0.0, ge=0, description="micro-batching: how long a run waits for company")
     match_threshold: float = Field(0.5, ge=0, le=1)

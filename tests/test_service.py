@@ -278,7 +278,7 @@ def test_reload_swaps_and_a_broken_reload_keeps_serving(client, tiny_model_dir, 
 
 
 def test_concurrency_limit_answers_503_with_retry_after(tiny_model_dir, index_dir, items):
-    s = Server(tiny_model_dir, index_dir, max_concurrency=1, batch_wait_ms=300).start()
+    s = Server(tiny_model_dir, index_dir, max_concurrency=1, batch_wait_ms=300, batch_max_pairs=64).start()
     try:
         import concurrent.futures as cf
 
@@ -293,7 +293,7 @@ def test_concurrency_limit_answers_503_with_retry_after(tiny_model_dir, index_di
 
 
 def test_deadline_returns_the_recall_order_flagged(tiny_model_dir, index_dir, items):
-    s = Server(tiny_model_dir, index_dir, deadline_ms=1, batch_wait_ms=50).start()
+    s = Server(tiny_model_dir, index_dir, deadline_ms=1, batch_wait_ms=50, batch_max_pairs=64).start()
     try:
         with httpx.Client(base_url=s.url, timeout=30) as c:
             body = c.post("/search", json={"text": items[0].caption, "k": 5}).json()
@@ -303,3 +303,27 @@ def test_deadline_returns_the_recall_order_flagged(tiny_model_dir, index_dir, it
     finally:
         s.stop()
 
+
+
+def test_micro_batcher_gathers_concurrent_jobs_into_one_run():
+    from fashionbert.service.engine import MicroBatcher
+
+    runs = []
+
+    def fn(inputs):
+        runs.append(list(inputs))
+        if "boom" in inputs:
+            raise ValueError("bad batch")
+        return [x * 2 for x in inputs]
+
+    batcher = MicroBatcher("t", fn, max_size=4, max_wait_ms=300)
+    try:
+        futures = [batcher.submit(i) for i in range(6)]
+        assert [f.result(timeout=5) for f in futures] == [0, 2, 4, 6, 8, 10]
+        assert runs[0] == [0, 1, 2, 3] and runs[1] == [4, 5]  # at most 4 per run; the rest waits for company
+        failing = [batcher.submit("boom"), batcher.submit(1)]
+        for f in failing:  # every request of a failed run gets the error, none hangs
+            with pytest.raises(ValueError, match="bad batch"):
+                f.result(timeout=5)
+    finally:
+        batcher.close()
