@@ -15,7 +15,7 @@ from fashionbert.model.fashionbert import (FashionBert, FashionBertConfig, defau
 from fashionbert.model.feature_store import FeatureStore, compute_features
 from fashionbert.model.features import FeatureConfig, PatchFeatureExtractor
 from fashionbert.model.tokenizer import CaptionTokenizer
-from fashionbert.model.train import TrainConfig, mask_patches, step_losses, whole_word_mask
+from fashionbert.model.train import TrainConfig, mask_patches, mine_neighbours, step_losses, whole_word_mask
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, dropout=0.0)
 
@@ -124,6 +124,21 @@ def test_a_few_steps_lower_every_task_loss(demo_data, tok):
     assert set(first) == {"mlm", "mpm", "tia", "itc"}
     for task in first:
         assert last[task] < first[task], (task, first[task], last[task])
+
+
+def test_mined_negatives_are_other_products_and_join_the_tia_pairs(demo_data, tok):
+    model = tiny_model().eval()
+    mined = mine_neighbours(model, demo_data, pool=5, use_images=False)
+    assert mined.shape == (len(demo_data), 5)
+    assert not (demo_data.product[mined] == demo_data.product[:, None]).any()  # never a pose of the same product
+    with_images = mine_neighbours(model, demo_data, pool=5, use_images=True)
+    assert not (demo_data.product[with_images] == demo_data.product[:, None]).any()
+    cfg = TrainConfig(batch_size=16, cross_texts=4, tia_negatives=3, subcategories_per_batch=2, mined_negatives=2)
+    model.train()
+    losses = step_losses(model, demo_data, np.arange(16), cfg, tok, np.random.default_rng(0), mined)
+    assert torch.isfinite(losses["tia"])
+    losses["tia"].backward()  # gradients reach the mined images' patch embeddings too
+    assert model.patch_embeddings.projection.weight.grad is not None
 
 
 def test_masking_is_whole_words_and_patches(tok):
