@@ -56,7 +56,8 @@ $(FEATURES): $(CATALOG)/catalog.jsonl
 
 # The default training budget: at most 3 epochs, capped at 12.5 minutes of training on the CPU.
 # An interrupted run resumes when the same command runs again.
-$(MODEL): $(FEATURES)
+# Order-only: evaluating or re-checking the features rewrites their file, which must not retrain.
+$(MODEL): | $(FEATURES)
 	$(BIN)/fashionbert train --catalog $(CATALOG) --out $(RUNS)/default
 
 # ONNX graphs; the cross-encoder variant is chosen by measuring each on the validation split.

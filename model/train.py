@@ -494,8 +494,13 @@ def train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features_
     state = TrainState()
     if resume:
         ckpt = torch.load(run / "checkpoint" / "trainer.pt", map_location="cpu", weights_only=False)
-        if ckpt["config"] != asdict(cfg):
+        # Options added since the run started count with their defaults (which it trained with).
+        if {**asdict(TrainConfig()), **ckpt["config"]} != asdict(cfg):
             raise ValueError(f"{run} holds a run with other settings: pass --overwrite to start again")
+        done = ckpt["state"].get("stopped") or ckpt["state"]["epoch"] >= cfg.epochs
+        if done and (run / "summary.json").is_file():
+            log.info("%s is already trained; pass --overwrite to train again.", run)
+            return json.loads((run / "summary.json").read_text())
         resumed_model, _ = load_model(run / "checkpoint")
         model.load_state_dict(resumed_model.state_dict())
         optimizer.load_state_dict(ckpt["optimizer"])

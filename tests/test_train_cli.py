@@ -58,6 +58,16 @@ def test_train_resumes_after_a_kill_and_finishes(trained_run):
     assert summary["peak_memory_mb"] > 100 and summary["training_minutes"] > 0
 
 
+def test_a_finished_run_is_not_trained_again(trained_run):
+    run, config, _, _ = trained_run
+    before = (run / "summary.json").read_text()
+    args = cli("train", "--catalog", json.loads(before)["catalog"], "--out", run, "--config", config,
+               "--features", run.parent / "grid.h5")
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "already trained" in again.stderr
+    assert (run / "summary.json").read_text() == before  # the measured time and memory stay
+
+
 def test_eval_writes_the_paper_table(trained_run, demo_catalog):
     run, *_ = trained_run
     proc = subprocess.run(cli("eval", "--run", run, "--catalog", demo_catalog, "--features", run.parent / "grid.h5",
