@@ -226,6 +226,9 @@ class CatalogIndex:
         self.embed_dim = m["embed_dim"]
         self.patches = PatchFile(self.dir, m["num_patches"], m["hidden_size"], m["config"]["patch_dtype"])
         self._write_lock = threading.Lock()
+        # FAISS indexes are not safe to search while they change: searches (fast) and the
+        # in-memory add/remove share this lock; encoding and SQLite work stay outside it.
+        self._faiss_lock = threading.Lock()
         self._local = threading.local()
         if threads:
             faiss.omp_set_num_threads(threads)
@@ -369,7 +372,9 @@ class CatalogIndex:
             else:
                 params = faiss.SearchParameters(sel=selector)
         # A few spare results cover rows deleted from SQLite and not yet from a stale vector file.
-        scores, rows = self.faiss.search(query, min(k + 8, max(available, 1)) if allowed is None else k, params=params)
+        with self._faiss_lock:
+            scores, rows = self.faiss.search(query, min(k + 8, max(available, 1)) if allowed is None else k,
+                                             params=params)
         found = [(int(r), float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]
         items = self.items_by_row([r for r, _ in found])
         hits = [Hit(r, items[r]["id"], s) for r, s in found if r in items][:k]
@@ -413,8 +418,9 @@ class CatalogIndex:
                 db.execute("ROLLBACK")
                 raise
             rows = np.arange(first, first + len(items), dtype=np.int64)
-            self.faiss.add_with_ids(np.ascontiguousarray(emb, dtype=np.float32), rows)
-            self._save_vectors(self.faiss, gen)
+            with self._faiss_lock:
+                self.faiss.add_with_ids(np.ascontiguousarray(emb, dtype=np.float32), rows)
+                self._save_vectors(self.faiss, gen)
         return len(items)
 
     def delete(self, ids: list[str]) -> list[str]:
@@ -436,8 +442,9 @@ class CatalogIndex:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            self.faiss.remove_ids(np.array(list(rows.values()), dtype=np.int64))
-            self._save_vectors(self.faiss, gen)
+            with self._faiss_lock:
+                self.faiss.remove_ids(np.array(list(rows.values()), dtype=np.int64))
+                self._save_vectors(self.faiss, gen)
         return missing
 
     def _next_row(self) -> int:

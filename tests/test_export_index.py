@@ -386,3 +386,37 @@ def test_cli_export_with_a_fixed_variant_and_refusing_to_overwrite(run_dir, tmp_
     assert proc.returncode == 2 and "pass --overwrite" in proc.stderr
     proc = cli("export", "--run", tmp_path / "no-run", "--out", tmp_path / "m2")
     assert proc.returncode == 2 and "not a trained FashionBERT model directory" in proc.stderr
+
+
+def test_searches_run_safely_while_items_are_added_and_deleted(model, demo_catalog, tmp_path, items):
+    import threading
+
+    build(model, open_catalog(demo_catalog), tmp_path / "idx", split="train", progress=False)
+    index = CatalogIndex(tmp_path / "idx")
+    new = [it for it in items if it.split == "validation"]
+    emb, _ = model.encode_images(np.stack([it.image for it in items[:4]]))
+    stop, errors, searches = threading.Event(), [], [0]
+
+    def searcher():
+        while not stop.is_set():
+            try:
+                hits = index.search(emb[searches[0] % 4], 20)
+                assert len(hits) == 20 and len({h.id for h in hits}) == 20
+                searches[0] += 1
+            except Exception as exc:  # reported below
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=searcher) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for round_ in range(3):
+            index.add(new, model)
+            index.delete([it.id for it in new])
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+    assert searches[0] > 0 and len(index) == len([it for it in items if it.split == "train"])
