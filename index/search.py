@@ -17,6 +17,11 @@ from .runtime import ExportedModel, TextBatch, sigmoid
 from .store import CatalogIndex, Filters, Hit
 
 
+def fuse(logits: np.ndarray, hits: list[Hit], itc_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The rerank's ordering score (cross-encoder logit + two-tower logit) and the match probability."""
+    return logits + itc_scale * np.array([h.score for h in hits]), sigmoid(logits)
+
+
 @dataclass
 class Result:
     id: str
@@ -46,8 +51,7 @@ class Searcher:
     def rerank_scores(self, text: TextBatch, row: int, hits: list[Hit]) -> tuple[np.ndarray, np.ndarray]:
         """Fused scores and match probabilities of these hits for query `row` of `text`."""
         logits = self.model.rerank_logits(text, row, self.index.patches.read([h.row for h in hits]))
-        cos = np.array([h.score for h in hits])
-        return logits + self.itc_scale * cos, sigmoid(logits)
+        return fuse(logits, hits, self.itc_scale)
 
     def search_text(self, query: str, k: int = 10, candidates: int = 100, rerank: bool = True, rerank_k: int = 20,
                     filters: Filters | None = None, deadline: float | None = None) -> SearchResult:

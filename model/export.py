@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from ..catalog.readers import open_catalog
 from .fashionbert import FashionBert, load_model
+from .feature_store import FeatureStore
 from .features import FeatureConfig, PatchFeatureExtractor
 from ..atomic import replace_dir
 
@@ -373,11 +374,16 @@ def export(run: str | Path, out: str | Path, cfg: ExportConfig = ExportConfig(),
     model.float().eval()
     train_cfg = meta.get("train", {})
     mode = train_cfg.get("feature_mode", "grid")
-    summary = run / "summary.json"
-    catalog = cfg.catalog or (json.loads(summary.read_text()).get("catalog") if summary.is_file() else None)
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    catalog = cfg.catalog or summary.get("catalog")
     if catalog:
         open_catalog(catalog)  # a wrong path fails now, not after the export
-    extractor = PatchFeatureExtractor(FeatureConfig(mode=mode, crop_size=train_cfg.get("crop_size", 64))).eval()
+    # The image tower must cut crops the way the training features were made.
+    crop_size = 64
+    if summary.get("features") and Path(summary["features"]).is_file():
+        with FeatureStore(summary["features"]) as store:
+            crop_size = int(store.attrs.get("crop_size", 64))
+    extractor = PatchFeatureExtractor(FeatureConfig(mode=mode, crop_size=crop_size)).eval()
     start = time.perf_counter()
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from ..catalog.items import CatalogItem
+from ..index.runtime import sigmoid
 from ..index.store import Filters
 from .engine import BadInput, Engine, decode_base64_image
 from .schemas import (ItemOut, MatchBatchRequest, MatchBatchResponse, MatchPair, MatchRequest, MatchResult, NewItem,
@@ -211,7 +212,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     job.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it now
                 else:
                     logits = job.result()
-                    fused, prob = eng.fused(logits, top), eng.probability(logits)
+                    fused, prob = eng.rerank_scores(logits, top)
                     head = sorted(zip(top, fused, prob), key=lambda x: -x[1])
                     order = [(h, float(f), float(p)) for h, f, p in head] + order[len(top):]
                     reranked = len(top)
@@ -251,7 +252,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 patches.append(states)
         encoded = await asyncio.gather(*(eng.encode_text(t) for t in texts))
         logits = await asyncio.gather(*(eng.match_logits(states, patch[None]) for (_, states), patch in zip(encoded, patches)))
-        probs = [float(eng.probability(lg)[0]) for lg in logits]
+        probs = [float(sigmoid(lg)[0]) for lg in logits]
         return [MatchResult(score=p, match=p >= settings.match_threshold) for p in probs]
 
     @app.post("/match", response_model=MatchResult)

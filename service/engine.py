@@ -23,7 +23,8 @@ import numpy as np
 
 from ..catalog.images import ImageDecodeError, decode_image, to_model_image
 from ..catalog.items import CatalogItem
-from ..index.runtime import ExportedModel, sigmoid
+from ..index.runtime import ExportedModel
+from ..index.search import fuse
 from ..index.store import CatalogIndex, Filters, Hit
 from .settings import Settings
 
@@ -125,7 +126,6 @@ class Engine:
         self.index = CatalogIndex(self.index_dir, model_hash=self.model.model_hash, threads=settings.threads)
         self.itc_scale = float(self.model.manifest.get("itc_scale", 0.0))
         self.model_version = f"{self.model.model_hash[:12]}/{self.model.variant}"
-        self.write_lock = threading.Lock()
         self.text_batcher = MicroBatcher("text", self._encode_texts, settings.batch_max_pairs, settings.batch_wait_ms)
         self.cross_batcher = MicroBatcher("cross", self._cross, settings.batch_max_pairs, settings.batch_wait_ms, on_batch)
 
@@ -184,23 +184,11 @@ class Engine:
     async def patch_states(self, rows: list[int]) -> np.ndarray:
         return await asyncio.to_thread(self.index.patches.read, rows)
 
-    def fused(self, logits: np.ndarray, hits: list[Hit]) -> np.ndarray:
-        return logits + self.itc_scale * np.array([h.score for h in hits])
-
-    @staticmethod
-    def probability(logits: np.ndarray) -> np.ndarray:
-        return sigmoid(logits)
+    def rerank_scores(self, logits: np.ndarray, hits: list[Hit]) -> tuple[np.ndarray, np.ndarray]:
+        return fuse(logits, hits, self.itc_scale)
 
     async def add_item(self, item: CatalogItem) -> None:
-        def run():
-            with self.write_lock:
-                self.index.add([item], self.model)
-
-        await asyncio.to_thread(run)
+        await asyncio.to_thread(self.index.add, [item], self.model)  # the index serialises its writes
 
     async def delete_item(self, item_id: str) -> bool:
-        def run():
-            with self.write_lock:
-                return not self.index.delete([item_id])
-
-        return await asyncio.to_thread(run)
+        return not await asyncio.to_thread(self.index.delete, [item_id])

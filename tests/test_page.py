@@ -47,7 +47,8 @@ def test_typing_a_query_shows_result_images(server, demo_catalog, tmp_path):
             }""", timeout=30000)
             cards = page.locator("#results .card")
             assert cards.count() == 24
-            assert "reranked" in page.inner_text("#status") and "rerank" in page.inner_text("#status")
+            status = page.inner_text("#status")
+            assert "24 results" in status and "top 20 reranked" in status and "rerank " in status  # the stage timing
             assert page.locator("#results .card .scores").first.inner_text().startswith("score ")
             page.screenshot(path=str(tmp_path / "page.png"))
 
