@@ -144,12 +144,15 @@ def full_gallery(score, sim: np.ndarray, data: SplitData, cfg: EvalConfig, progr
         order = np.argsort(-sim[q], kind="stable")[: cfg.recall_n]
         two_tower.append(_first_hit(order, data.product, data.product[q]))
         top = order[: cfg.rerank_k]
-        scores = score(np.full(len(top), q), top)
-        new_order = np.concatenate([top[np.argsort(-scores, kind="stable")], order[cfg.rerank_k :]])
+        if hasattr(score, "logits"):  # exact logits: a probability saturates at 1.0 in float32
+            logits = score.logits(np.full(len(top), q), top)
+        else:
+            p = np.clip(score(np.full(len(top), q), top).astype(np.float64), 1e-12, 1 - 1e-12)
+            logits = np.log(p / (1 - p))
+        new_order = np.concatenate([top[np.argsort(-logits, kind="stable")], order[cfg.rerank_k :]])
         reranked.append(_first_hit(new_order, data.product, data.product[q]))
         if itc_scale is not None:
-            p = np.clip(scores, 1e-7, 1 - 1e-7)
-            combined = np.log(p / (1 - p)) + itc_scale * sim[q, top]
+            combined = logits + itc_scale * sim[q, top]
             fused.append(_first_hit(np.concatenate([top[np.argsort(-combined, kind="stable")], order[cfg.rerank_k :]]),
                                     data.product, data.product[q]))
     i2t_sim = sim.T

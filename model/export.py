@@ -135,7 +135,7 @@ def mixed_int8_nodes(graph) -> list[str]:
     last one's feed-forward expansion. The last layer's attention and output projections write
     the states the match head reads, so they stay fp32."""
     weights = [n.name for n in graph.node if n.op_type == "MatMul" and "/attention/self/MatMul" not in n.name
-               and n.name.startswith("/encoder/layer.")]
+               and n.name.startswith(("/encoder/layer.", "/fusion/layer."))]
     last = max(int(n.split("/")[2].split(".")[1]) for n in weights)
     return [n for n in weights if f"/layer.{last}/" not in n or "/intermediate/" in n]
 

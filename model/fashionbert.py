@@ -19,6 +19,7 @@ package by default, or any local HF BERT directory) loads with `load_state_dict`
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -49,6 +50,10 @@ class FashionBertConfig:
     # The last `fusion_layers` layers attend across text and patches; the ones below see one
     # modality at a time. fusion_layers = num_layers is the paper's full single-stream model.
     fusion_layers: int = 2
+    # The joint pass gets its own copy of the fusion layers (initialised from the same pre-trained
+    # layers) instead of sharing them with the towers. Shared, the cross-encoder's hard negatives
+    # pulled the towers' top layers away from the two-tower objective (README, "Training").
+    separate_fusion: bool = False
 
     @property
     def unimodal_layers(self) -> int:
@@ -152,6 +157,11 @@ class Encoder(nn.Module):
         for layer in self.layer[start:end]:
             x = layer(x, attn_mask)
         return x
+
+
+def _layers(c: FashionBertConfig, n: int) -> Encoder:
+    """An encoder of n layers (for the separate fusion layers)."""
+    return Encoder(FashionBertConfig(**{**asdict(c), "num_layers": n}))
 
 
 class TextEmbeddings(nn.Module):
@@ -286,6 +296,8 @@ class FashionBert(nn.Module):
         self.embeddings = TextEmbeddings(config)
         self.patch_embeddings = PatchEmbeddings(config, self.embeddings.token_type_embeddings)
         self.encoder = Encoder(config)
+        if config.separate_fusion:
+            self.fusion = _layers(config, min(config.fusion_layers, config.num_layers))
         self.mlm = MLMHead(config, self.embeddings.word_embeddings)
         self.mpm = MPMHead(config)
         self.tia = TIAHead(config)
@@ -305,7 +317,28 @@ class FashionBert(nn.Module):
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """The pre-trained BERT trunk (everything else is new and learns faster)."""
-        return list(self.embeddings.parameters()) + list(self.encoder.parameters())
+        fusion = list(self.fusion.parameters()) if self.config.separate_fusion else []
+        return list(self.embeddings.parameters()) + list(self.encoder.parameters()) + fusion
+
+    def separate_fusion_layers(self) -> None:
+        """Give the joint pass its own copy of the (pre-trained) fusion layers. The TIA head keeps
+        reading through the towers' projections: with projections of its own (tried), the
+        cross-encoder lost the towers' head start and learned nothing in the CPU budget."""
+        if self.config.separate_fusion:
+            return
+        self.config.separate_fusion = True
+        self.fusion = _layers(self.config, 0)
+        self.fusion.layer.extend(copy.deepcopy(layer) for layer in self.encoder.layer[self.config.unimodal_layers :])
+
+
+    def last_shared_weight(self) -> torch.Tensor:
+        """A weight every task's gradient reaches, as close to the heads as possible (the adaptive
+        loss reads gradient norms there, as GradNorm does)."""
+        if not self.config.separate_fusion:
+            return self.encoder.layer[-1].output.dense.weight
+        if self.config.unimodal_layers:
+            return self.encoder.layer[self.config.unimodal_layers - 1].output.dense.weight
+        return self.embeddings.token_type_embeddings.weight  # text and patch tokens both add it
 
     # Passes ------------------------------------------------------------------------------------
     #
@@ -343,6 +376,8 @@ class FashionBert(nn.Module):
     def fuse(self, text: torch.Tensor, mask: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The joint pass over text and patch states -> hidden (B, T+P, H), its mask, first patch index."""
         seq, seq_mask, first_patch = pack(text, mask.bool(), patches)
+        if self.config.separate_fusion:
+            return self.fusion(seq, seq_mask), seq_mask, first_patch
         return self.encoder(seq, seq_mask, self.config.unimodal_layers), seq_mask, first_patch
 
     def match_logits_from(self, text: torch.Tensor, mask: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:

@@ -55,19 +55,29 @@ class TrainConfig:
     batch_size: int = 48  # products per step: ITC's in-batch negatives
     subcategories_per_batch: int = 4  # groups per batch: subcategories, or neighbourhoods (below)
     neighbour_batches: bool = False  # from the second epoch, groups are caption-embedding neighbourhoods
-    cross_texts: int = 8  # texts per step through the cross-encoder, each with 1 positive + `tia_negatives`
+    cross_texts: int = 12  # texts per step through the cross-encoder, each with 1 positive + `tia_negatives`
     tia_negatives: int = 5  # per text: the batch's hardest by two-tower similarity, mined ones, random same-subcategory
-    # Of those, drawn from the text's nearest other products in the whole training set. Off by
-    # default: measured worse (README, "Training"): it slowed the two-tower's learning badly.
+    hard_negatives: int = 4  # of those, how many are the batch's hardest by two-tower similarity (at most all)
+    # The listwise TIA loss ranks each text's candidates by the score the service ranks by:
+    # cross-encoder logit + the two-tower's logit (held fixed). The cross-encoder then learns
+    # what the towers get wrong among their own nearest candidates, which is what a rerank is for.
+    fused_listwise: bool = True
+    masked_texts: int = 8  # true pairs per step in the MLM/MPM pass
+    # Of the TIA negatives, drawn from the text's nearest other products in the whole training
+    # set. Off by default: measured worse (README, "Training").
     mined_negatives: int = 0
     mining_pool: int = 16  # nearest products per text, re-mined with the current model each epoch
+    # TIA's gradient stops at the fusion layers' inputs (the layers below learn from ITC, MLM and
+    # MPM only). Off by default: measured no better (README, "Training").
+    tia_detached: bool = False
+    separate_fusion: bool = True  # the cross-encoder's fusion layers are its own (model/fashionbert.py)
     lr_backbone: float = 1e-4
     lr_new: float = 1e-3  # patch embeddings and heads start from scratch: a higher rate
     weight_decay: float = 0.01
     warmup: float = 0.06  # share of the run
     clip: float = 1.0
     epochs: int = 3
-    max_minutes: float = 12.5  # a cap on the training loop's wall-clock time, validation included
+    max_minutes: float = 13.5  # a cap on the training loop's wall-clock time, validation included
     patience: int = 2  # epochs without a better validation score before stopping
     mlm_prob: float = 0.15
     mpm_prob: float = 0.10
@@ -102,6 +112,8 @@ class TrainConfig:
             raise ValueError("need batch_size >= 2 and 1 <= cross_texts <= batch_size")
         if not 1 <= self.tia_negatives < self.batch_size:
             raise ValueError("need 1 <= tia_negatives < batch_size")
+        if self.hard_negatives < 1 or self.masked_texts < 1:  # both are capped by the batch (tia_negatives, batch_size)
+            raise ValueError("need hard_negatives >= 1 and masked_texts >= 1")
         if self.mined_negatives < 0 or self.mining_pool < 1:
             raise ValueError("need mined_negatives >= 0 and mining_pool >= 1")
         if self.max_minutes <= 0 or self.epochs < 1:
@@ -153,22 +165,23 @@ def contrastive_loss(t: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, same
 
 
 def pick_negatives(sim: torch.Tensor, product: np.ndarray, subcategory: np.ndarray, n: int, k: int,
-                   rng: np.random.Generator) -> np.ndarray:
-    """(n, k) image rows for the first n texts: the hardest other product by two-tower similarity,
-    then random other products of the same subcategory (topped up from the whole batch)."""
+                   rng: np.random.Generator, hard: int = 1) -> np.ndarray:
+    """(n, k) image rows for the first n texts: the `hard` hardest other products by two-tower
+    similarity, then random other products of the same subcategory (topped up from the whole batch)."""
     s = sim.detach().float().clone()
     s[torch.from_numpy(product[:, None] == product[None, :])] = float("-inf")
     out = np.empty((n, k), dtype=int)
+    hard = min(hard, k)
     for i in range(n):
-        hard = int(s[i].argmax())
+        hardest = torch.argsort(s[i], descending=True, stable=True)[:hard].numpy()
         others = product != product[i]
-        others[hard] = False
+        others[hardest] = False
         pool = np.flatnonzero(others & (subcategory == subcategory[i]))
         rest = np.flatnonzero(others & (subcategory != subcategory[i]))
-        picked = rng.choice(pool, min(k - 1, len(pool)), replace=False)
-        if len(picked) < k - 1:
-            picked = np.concatenate([picked, rng.choice(rest, k - 1 - len(picked), replace=False)])
-        out[i] = np.concatenate([[hard], picked])
+        picked = rng.choice(pool, min(k - hard, len(pool)), replace=False)
+        if len(picked) < k - hard:
+            picked = np.concatenate([picked, rng.choice(rest, k - hard - len(picked), replace=False)])
+        out[i] = np.concatenate([hardest, picked])
     return out
 
 
@@ -193,32 +206,44 @@ def step_losses(model: FashionBert, data: SplitData, rows: np.ndarray, cfg: Trai
 
     c, k = cfg.cross_texts, cfg.tia_negatives
     if "tia" in cfg.tasks:
+        tia_text, tia_image = (text_states.detach(), image_states.detach()) if cfg.tia_detached else (text_states, image_states)
         # The batch's hardest always stays; mined ones take up to the rest of the k places.
         m = min(cfg.mined_negatives, k - 1, mined.shape[1]) if mined is not None else 0
-        negs = pick_negatives(t @ v.T, product, subcat, c, k - m, rng)  # (c, k - m) rows of the batch
-        neg_states = image_states[negs.reshape(-1)].view(c, k - m, *image_states.shape[1:])
+        negs = pick_negatives(t @ v.T, product, subcat, c, k - m, rng, cfg.hard_negatives)  # (c, k - m) rows of the batch
+        neg_states = tia_image[negs.reshape(-1)].view(c, k - m, *tia_image.shape[1:])
         if m:
             # The in-batch hardest is one of ~11 products of its subcategory; a rerank meets the
             # nearest of a whole catalog. Mined negatives are those: products one or two
             # attributes away, which only the cross-encoder's attention can tell apart.
             picks = np.stack([rng.choice(mined[r], m, replace=False) for r in rows[:c]])  # (c, m)
-            extra = model.image_states(data.feats[picks.reshape(-1)].float())
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.tia_detached):
+                extra = model.image_states(data.feats[picks.reshape(-1)].float())
             neg_states = torch.cat([neg_states, extra.view(c, m, *extra.shape[1:])], 1)
         # Pairs: c true pairs, then text 0 with its k negatives, text 1 with its k, ...
         text_rows = np.concatenate([np.arange(c), np.repeat(np.arange(c), k)])
-        logits = model.match_logits_from(text_states[text_rows], mask[text_rows],
-                                         torch.cat([image_states[:c], neg_states.flatten(0, 1)]))
+        logits = model.match_logits_from(tia_text[text_rows], mask[text_rows],
+                                         torch.cat([tia_image[:c], neg_states.flatten(0, 1)]))
         labels = torch.cat([torch.ones(c), torch.zeros(c * k)])
         per_pair = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         binary = (per_pair[:c].mean() + per_pair[c:].mean()) / 2  # positives and negatives count equally
         # Listwise: each text's true image against its k negatives, a softmax over k + 1 logits. It
         # says "this one rather than those", a stronger signal per pair than k + 1 yes/no answers.
-        listwise = F.cross_entropy(torch.cat([logits[:c, None], logits[c:].view(c, k)], 1), torch.zeros(c, dtype=torch.long))
+        ranked = torch.cat([logits[:c, None], logits[c:].view(c, k)], 1)  # (c, 1 + k), the true image first
+        if cfg.fused_listwise:
+            with torch.no_grad():
+                scale = model.itc.logit_scale.exp().clamp(max=100)
+                candidates = v[torch.from_numpy(np.concatenate([np.arange(c)[:, None], negs], 1))]  # (c, 1 + k - m, E)
+                if m:
+                    candidates = torch.cat([candidates, model.image_embedding_from(extra).view(c, m, -1)], 1)
+                tower = scale * (t[:c, None] * candidates).sum(-1)
+            ranked = ranked + tower.float()
+        listwise = F.cross_entropy(ranked, torch.zeros(c, dtype=torch.long))
         losses["tia"] = binary + listwise
 
     # MLM and MPM: a separate joint pass over masked copies of the true pairs. TIA never sees a
     # mask, so "has [MASK] tokens" cannot come to mean "matches", and it trains on what it serves.
     if "mlm" in cfg.tasks or "mpm" in cfg.tasks:
+        c = min(cfg.masked_texts, len(rows))
         m_text, m_image = text_states[:c], image_states[:c]
         if "mlm" in cfg.tasks:
             masked_ids, mlm_labels = whole_word_mask(ids[:c], [data.word_ids[r] for r in rows[:c]], cfg.mlm_prob, tok, rng)
@@ -342,21 +367,25 @@ class PairScorer:
             return (self.text_emb @ self.image_emb.T).numpy()
 
     @torch.inference_mode()
-    def __call__(self, text_rows, image_rows, batch: int = 128) -> np.ndarray:
-        """Cross-encoder match probability for each (text row, image row) pair."""
+    def logits(self, text_rows, image_rows, batch: int = 128) -> np.ndarray:
+        """Cross-encoder match logit for each (text row, image row) pair."""
         text_rows, image_rows = np.asarray(text_rows), np.asarray(image_rows)
         out = []
         for i in range(0, len(text_rows), batch):
             t, v = text_rows[i : i + batch], image_rows[i : i + batch]
             mask = self.data.mask[t]
             width = int(mask.sum(1).max())
-            logits = self.model.match_logits_from(self.text_states[t, :width], mask[:, :width], self.image_states[v])
-            out.append(torch.sigmoid(logits.float()))
+            out.append(self.model.match_logits_from(self.text_states[t, :width], mask[:, :width], self.image_states[v]).float())
         return torch.cat(out).numpy() if out else np.zeros(0)
+
+    def __call__(self, text_rows, image_rows, batch: int = 128) -> np.ndarray:
+        """Cross-encoder match probability for each (text row, image row) pair."""
+        return 0.5 * (1 + np.tanh(self.logits(text_rows, image_rows, batch) / 2))  # the sigmoid, without overflow
 
 
 def quick_validation(model: FashionBert, data: SplitData, cfg: TrainConfig, autocast) -> dict[str, float]:
-    """Two-tower R@1 over the validation subset, and R@1 after reranking its top 10 with the cross-encoder."""
+    """Two-tower R@1 over the validation subset, and R@1 after reranking its top 10 the way the
+    service does (cross-encoder logit + two-tower logit)."""
     model.eval()
     with autocast():
         scorer = PairScorer(model, data)
@@ -365,10 +394,11 @@ def quick_validation(model: FashionBert, data: SplitData, cfg: TrainConfig, auto
         best_true = np.where(same, sim, -np.inf).max(1)
         two_tower_r1 = float(np.mean((np.where(same, -np.inf, sim) < best_true[:, None]).all(1)))
         queries = np.random.default_rng(cfg.seed).choice(len(data), min(cfg.val_queries, len(data)), replace=False)
+        itc_scale = float(model.itc.logit_scale.detach().exp().clamp(max=100))
         hits = 0
         for q in queries:
             top = np.argsort(-sim[q])[:10]
-            scores = scorer(np.full(len(top), q), top)
+            scores = scorer.logits(np.full(len(top), q), top) + itc_scale * sim[q, top]
             hits += bool(data.product[top[int(np.argmax(scores))]] == data.product[q])
     model.train()
     rerank_r1 = hits / len(queries)
@@ -476,6 +506,8 @@ def train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features_
         model.encoder.layer = model.encoder.layer[: cfg.layers]
         model.config.num_layers = cfg.layers
         model.config.fusion_layers = min(cfg.fusion_layers, cfg.layers)
+    if cfg.separate_fusion:
+        model.separate_fusion_layers()
     tok = CaptionTokenizer(bert_dir / "tokenizer.json", cfg.max_text_len)
     subcats: dict[str, int] = {}
     train_data = load_split(catalog, "train", store, tok, subcats, limit=cfg.max_train_products, seed=cfg.seed)
@@ -510,7 +542,7 @@ def train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features_
         log.info("Resuming %s at epoch %d, step %d (%.1f of %.1f minutes used).", run, state.epoch + 1, state.step,
                  state.elapsed / 60, cfg.max_minutes)
     model.to(device).train()
-    shared = model.encoder.layer[-1].output.dense.weight  # where the adaptive rule reads gradient norms
+    shared = model.last_shared_weight()  # where the adaptive rule reads gradient norms
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
     batches_per_epoch = len(epoch_batches(train_data, cfg, 0))
     total_steps = cfg.epochs * batches_per_epoch

@@ -141,6 +141,51 @@ def test_mined_negatives_are_other_products_and_join_the_tia_pairs(demo_data, to
     assert model.patch_embeddings.projection.weight.grad is not None
 
 
+def test_hard_negatives_are_the_batchs_nearest_other_products():
+    from fashionbert.model.train import pick_negatives
+
+    product = np.array([0, 0, 1, 2, 3, 4, 5, 6])  # rows 0 and 1 are two poses of one product
+    subcategory = np.array([0, 0, 0, 0, 0, 1, 1, 1])
+    sim = torch.tensor([[9.0, 8.5, 1.0, 3.0, 2.0, 7.0, 0.0, 0.5]]).repeat(8, 1)
+    out = pick_negatives(sim, product, subcategory, 1, 4, np.random.default_rng(0), hard=3)
+    assert out[0, :3].tolist() == [5, 3, 4]  # the three nearest by similarity, never a pose of the text's own product
+    assert out[0, 3] == 2  # then the same subcategory's remaining product
+    one = pick_negatives(sim, product, subcategory, 1, 2, np.random.default_rng(0), hard=1)
+    assert one[0, 0] == 5 and product[one[0, 1]] not in (0, 4)
+
+
+def test_separate_fusion_layers_leave_the_towers_alone(demo_data, tok, tmp_path):
+    """With its own fusion layers the cross-encoder can change without moving the two-tower embeddings."""
+    model = tiny_model(num_layers=3, fusion_layers=1)
+    ids, mask = demo_data.texts(np.arange(4))
+    feats = demo_data.feats[:4].float()
+    with torch.no_grad():
+        before_logits, before_t = model.match_logits(ids, mask, feats), model.text_embedding(ids, mask)
+        model.separate_fusion_layers()  # a copy: the same function until training moves it
+        assert torch.allclose(model.match_logits(ids, mask, feats), before_logits, atol=1e-6)
+        for p in model.fusion.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        assert not torch.allclose(model.match_logits(ids, mask, feats), before_logits, atol=1e-3)
+        assert torch.equal(model.text_embedding(ids, mask), before_t)
+    assert model.last_shared_weight() is model.encoder.layer[1].output.dense.weight  # below the split
+    assert {id(p) for p in model.fusion.parameters()} <= {id(p) for p in model.backbone_parameters()}
+    save_model(model, tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(loaded.match_logits(ids, mask, feats), model.match_logits(ids, mask, feats))
+    model.train()
+    for detached in (False, True):
+        model.zero_grad(set_to_none=True)
+        cfg = TrainConfig(batch_size=16, cross_texts=4, tia_negatives=3, hard_negatives=2, subcategories_per_batch=2,
+                          fused_listwise=True, masked_texts=2, separate_fusion=True, tia_detached=detached)
+        losses = step_losses(model, demo_data, np.arange(16), cfg, tok, np.random.default_rng(0))
+        losses["tia"].backward()
+        assert model.fusion.layer[0].output.dense.weight.grad is not None
+        # The towers' own top layer never sees TIA; the shared lower layers only when not detached.
+        assert model.encoder.layer[2].output.dense.weight.grad is None
+        assert (model.encoder.layer[0].output.dense.weight.grad is None) == detached
+
+
 def test_masking_is_whole_words_and_patches(tok):
     enc = tok(["double-breasted cashmere coat in navy with a belt at the waist"])
     ids = torch.from_numpy(enc.ids)

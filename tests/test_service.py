@@ -126,6 +126,21 @@ def test_search_serves_exactly_the_python_pipeline(client, tiny_model_dir, index
         assert [x["score"] for x in body["items"]] == pytest.approx([x.score for x in expected.results], abs=1e-4)
 
 
+def test_validation_captions_find_their_products_and_the_rerank_moves_them_up(client, items):
+    """What a shopper relies on: a caption the model never trained on finds its product near the
+    top of the whole index, and the cross-encoder's rerank puts it higher than the recall did."""
+    validation = [it for it in items if it.split == "validation"]
+    ranks = {False: [], True: []}
+    for it in validation:
+        for rerank in (False, True):
+            r = client.post("/search", json={"text": it.caption, "k": 20, "rerank": rerank, "rerank_k": 20})
+            ids = [x["id"] for x in r.json()["items"]]
+            ranks[rerank].append(ids.index(it.id) + 1 if it.id in ids else 21)
+    plain, reranked = np.array(ranks[False]), np.array(ranks[True])
+    assert np.mean(reranked <= 10) >= 0.8, (plain, reranked)
+    assert reranked.mean() < plain.mean(), (plain, reranked)
+
+
 def test_image_query_is_more_like_this_without_rerank(client, items):
     r = client.post("/search", json={"image": b64_image(items[7].image), "k": 3})
     body = r.json()
