@@ -330,7 +330,6 @@ class FashionBert(nn.Module):
         self.fusion = _layers(self.config, 0)
         self.fusion.layer.extend(copy.deepcopy(layer) for layer in self.encoder.layer[self.config.unimodal_layers :])
 
-
     def last_shared_weight(self) -> torch.Tensor:
         """A weight every task's gradient reaches, as close to the heads as possible (the adaptive
         loss reads gradient norms there, as GradNorm does)."""
