@@ -118,6 +118,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from .model.calibrate import calibrate
+
+    out = calibrate(args.run, args.catalog, split=args.split, features_path=args.features, rerank_k=args.rerank_k,
+                    device=args.device, precision=args.precision, progress=not args.quiet)
+    print(f"{args.run}: rerank weight on the cross-encoder logit {out['cross_weight']:g} "
+          f"(fitted on {out['fitted_on']} captions; R@1 in a top {out['K']}: two-tower {out['R@1_two_tower']:.3f}, "
+          f"reranked {out['R@1_fitted']:.3f})")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .model.export import ExportConfig, export
 
@@ -301,6 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--name", help="file name for the results under RUN/eval/ (default: the split)")
     ev.set_defaults(func=cmd_eval)
+
+    ca = sub.add_parser("calibrate", help="fit the rerank's weight on the cross-encoder on products the run never saw")
+    ca.add_argument("--run", required=True)
+    ca.add_argument("--catalog", required=True, help="products the run never trained on (e.g. a demo catalog of another seed)")
+    ca.add_argument("--split", default="all", choices=["train", "validation", "all"])
+    ca.add_argument("--features", help="the feature cache (default: RUN/calibration-<mode>.h5)")
+    ca.add_argument("--rerank-k", dest="rerank_k", type=int, default=20, help="the rerank depth to fit for (the service's default)")
+    ca.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ca.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ca.set_defaults(func=cmd_calibrate)
 
     ex = sub.add_parser("export", help="export a trained run to ONNX (text tower, image tower, cross-encoder variants)")
     ex.add_argument("--run", required=True)

@@ -1,9 +1,9 @@
 """Search as the service runs it: text tower -> FAISS recall -> cross-encoder rerank of the top K.
 
-The rerank orders the top K by the cross-encoder's match logit plus the two-tower logit
-(the towers' learned inverse temperature times the cosine): the two models' evidence added,
-with no weight fitted on evaluation data. On the demo catalog this ordering measured better
-than the cross-encoder alone (README, "Evaluation").
+The rerank orders the top K by the cross-encoder's match logit, times the weight training fitted
+on held-out training products (manifest "cross_weight", model/rerank_weight.py), plus the two-tower
+logit (the towers' learned inverse temperature times the cosine): the two models' evidence added.
+On the demo catalog this ordering measured better than either alone (README, "Evaluation").
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from .runtime import ExportedModel, TextBatch, sigmoid
 from .store import CatalogIndex, Filters, Hit
 
 
-def fuse(logits: np.ndarray, hits: list[Hit], itc_scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """The rerank's ordering score (cross-encoder logit + two-tower logit) and the match probability."""
-    return logits + itc_scale * np.array([h.score for h in hits]), sigmoid(logits)
+def fuse(logits: np.ndarray, hits: list[Hit], itc_scale: float, cross_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The rerank's ordering score (weighted cross-encoder logit + two-tower logit) and the match probability."""
+    return cross_weight * logits + itc_scale * np.array([h.score for h in hits]), sigmoid(logits)
 
 
 @dataclass
@@ -44,6 +44,7 @@ class Searcher:
     def __init__(self, model: ExportedModel, index: CatalogIndex):
         self.model, self.index = model, index
         self.itc_scale = float(model.manifest.get("itc_scale", 0.0))
+        self.cross_weight = float(model.manifest.get("cross_weight", 1.0))
 
     def recall(self, embedding: np.ndarray, n: int, filters: Filters | None) -> list[Hit]:
         return self.index.search(embedding, n, filters)
@@ -51,7 +52,7 @@ class Searcher:
     def rerank_scores(self, text: TextBatch, row: int, hits: list[Hit]) -> tuple[np.ndarray, np.ndarray]:
         """Fused scores and match probabilities of these hits for query `row` of `text`."""
         logits = self.model.rerank_logits(text, row, self.index.patches.read([h.row for h in hits]))
-        return fuse(logits, hits, self.itc_scale)
+        return fuse(logits, hits, self.itc_scale, self.cross_weight)
 
     def search_text(self, query: str, k: int = 10, candidates: int = 100, rerank: bool = True, rerank_k: int = 20,
                     filters: Filters | None = None, deadline: float | None = None) -> SearchResult:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +54,11 @@ class SplitData:
 
 
 def load_split(catalog: Catalog, split: str, features: FeatureStore, tokenizer: CaptionTokenizer,
-               subcategories: dict[str, int], limit: int | None = None, seed: int = 0) -> SplitData:
-    """Items of the split that have features (items that failed to load have none and are left out)."""
-    every = catalog.records(split)
+               subcategories: dict[str, int], limit: int | None = None, seed: int = 0,
+               products: Callable[[str], bool] | None = None) -> SplitData:
+    """Items of the split that have features (items that failed to load have none and are left out);
+    with `products`, only the items whose product id it accepts."""
+    every = [r for r in catalog.records(split) if products is None or products(r.product_id)]
     records = [r for r in every if r.id in features]
     missing = len(every) - len(records)
     if missing:

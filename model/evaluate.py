@@ -29,6 +29,7 @@ from .data import SplitData, default_features_path, ensure_features, load_split,
 from .feature_store import FeatureStore
 from .features import resolve_precision
 from .fashionbert import load_model
+from .rerank_weight import cross_weight
 from .tokenizer import CaptionTokenizer
 from .train import PairScorer
 
@@ -129,12 +130,13 @@ def matching(score, data: SplitData, cfg: EvalConfig) -> dict:
 
 
 def full_gallery(score, sim: np.ndarray, data: SplitData, cfg: EvalConfig, progress: bool = True,
-                 itc_scale: float | None = None) -> dict:
+                 itc_scale: float | None = None, cross_weight: float = 1.0) -> dict:
     """`sim`: two-tower similarity of every caption (row) to every image (column) of the split.
 
-    With `itc_scale` (the towers' learned inverse temperature) a third pipeline is reported:
-    the rerank orders the top K by cross-encoder logit + itc_scale * two-tower cosine, the sum
-    of the two models' logits, with no weight fitted on evaluation data.
+    With `itc_scale` (the towers' learned inverse temperature) a third pipeline is reported, the
+    service's: the rerank orders the top K by cross_weight * cross-encoder logit + itc_scale *
+    two-tower cosine, where cross_weight was fitted in training on held-out training products
+    (model/rerank_weight.py), never on evaluation data.
     """
     products = one_row_per_product(data)
     rng = np.random.default_rng([cfg.seed, 42])
@@ -152,7 +154,7 @@ def full_gallery(score, sim: np.ndarray, data: SplitData, cfg: EvalConfig, progr
         new_order = np.concatenate([top[np.argsort(-logits, kind="stable")], order[cfg.rerank_k :]])
         reranked.append(_first_hit(new_order, data.product, data.product[q]))
         if itc_scale is not None:
-            combined = logits + itc_scale * sim[q, top]
+            combined = cross_weight * logits + itc_scale * sim[q, top]
             fused.append(_first_hit(np.concatenate([top[np.argsort(-combined, kind="stable")], order[cfg.rerank_k :]]),
                                     data.product, data.product[q]))
     i2t_sim = sim.T
@@ -161,6 +163,7 @@ def full_gallery(score, sim: np.ndarray, data: SplitData, cfg: EvalConfig, progr
            "two_tower_t2i": recall_at(two_tower), "reranked_t2i": recall_at(reranked), "two_tower_i2t": recall_at(i2t)}
     if fused:
         out["fused_t2i"] = recall_at(fused)
+        out["cross_weight"] = cross_weight
     return out
 
 
@@ -181,7 +184,8 @@ def markdown(result: dict) -> str:
               "| pipeline | R@1 | R@5 | R@10 |", "| --- | ---: | ---: | ---: |"]
     rows = [("two_tower_t2i", "two-tower only"), ("reranked_t2i", f"two-tower top {g['N']} → cross-encoder rerank of top {g['K']}")]
     if "fused_t2i" in g:
-        rows.append(("fused_t2i", "same, reranked by cross-encoder logit + two-tower logit"))
+        w = g.get("cross_weight", 1.0)
+        rows.append(("fused_t2i", f"same, reranked by {w:g} × cross-encoder logit + two-tower logit (the service's order)"))
     for key, name in rows:
         lines.append(f"| {name} | " + " | ".join(f"{g[key][k]:.2f}" for k in ("R@1", "R@5", "R@10")) + " |")
     lines.append("| image → text, two-tower only | " + " | ".join(f"{g['two_tower_i2t'][k]:.2f}" for k in ("R@1", "R@5", "R@10")) + " |")
@@ -213,7 +217,8 @@ def evaluate(run: str | Path, catalog_path: str | Path, cfg: EvalConfig, feature
                   "paper_protocol": paper_protocol(score, data, cfg, progress),
                   "matching": matching(score, data, cfg),
                   "full_gallery": full_gallery(score, sim, data, cfg, progress,
-                                               itc_scale=float(model.itc.logit_scale.detach().exp().clamp(max=100)))}
+                                               itc_scale=float(model.itc.scale().detach()),
+                                               cross_weight=cross_weight(meta))}
     result["seconds"] = round(time.perf_counter() - start, 1)
     out_dir = run / "eval"
     out_dir.mkdir(exist_ok=True)

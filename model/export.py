@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from ..catalog.readers import open_catalog
 from .fashionbert import FashionBert, load_model
+from .rerank_weight import cross_weight
 from .feature_store import FeatureStore
 from .features import FeatureConfig, PatchFeatureExtractor
 from ..atomic import replace_dir
@@ -405,7 +406,8 @@ def export(run: str | Path, out: str | Path, cfg: ExportConfig = ExportConfig(),
             "embed_dim": c.embed_dim, "hidden_size": c.hidden_size, "layers": c.num_layers,
             "fusion_layers": min(c.fusion_layers, c.num_layers), "num_patches": c.num_patches,
             "patch_dim": c.patch_dim, "feature_mode": mode,
-            "itc_scale": float(model.itc.logit_scale.detach().exp().clamp(max=100)), "max_text_len": c.max_text_len, "image_size": 256,
+            "itc_scale": float(model.itc.scale().detach()), "cross_weight": cross_weight(meta),
+            "max_text_len": c.max_text_len, "image_size": 256,
             "opset": OPSET, "versions": _versions(), "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         _write_json(tmp / "manifest.json", manifest)

@@ -262,6 +262,10 @@ class ITCHead(nn.Module):
         self.image_proj = nn.Linear(c.hidden_size, c.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
+    def scale(self) -> torch.Tensor:
+        """The learned inverse temperature, capped at 100 as in CLIP: the two-tower logit is scale * cosine."""
+        return self.logit_scale.exp().clamp(max=100)
+
 
 # The model -------------------------------------------------------------------------------------
 

@@ -125,6 +125,7 @@ class Engine:
                                    providers=providers)
         self.index = CatalogIndex(self.index_dir, model_hash=self.model.model_hash, threads=settings.threads)
         self.itc_scale = float(self.model.manifest.get("itc_scale", 0.0))
+        self.cross_weight = float(self.model.manifest.get("cross_weight", 1.0))
         self.model_version = f"{self.model.model_hash[:12]}/{self.model.variant}"
         self.text_batcher = MicroBatcher("text", self._encode_texts, settings.batch_max_pairs, settings.batch_wait_ms)
         self.cross_batcher = MicroBatcher("cross", self._cross, settings.batch_max_pairs, settings.batch_wait_ms, on_batch)
@@ -185,7 +186,7 @@ class Engine:
         return await asyncio.to_thread(self.index.patches.read, rows)
 
     def rerank_scores(self, logits: np.ndarray, hits: list[Hit]) -> tuple[np.ndarray, np.ndarray]:
-        return fuse(logits, hits, self.itc_scale)
+        return fuse(logits, hits, self.itc_scale, self.cross_weight)
 
     async def add_item(self, item: CatalogItem) -> None:
         await asyncio.to_thread(self.index.add, [item], self.model)  # the index serialises its writes

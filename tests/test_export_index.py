@@ -159,9 +159,16 @@ TORCH_FREE = textwrap.dedent("""
 """)
 
 
-def test_a_torch_free_process_reproduces_the_pytorch_rankings(run_dir, model_dir, index_dir, items):
+def test_a_torch_free_process_reproduces_the_pytorch_rankings(run_dir, model_dir, index_dir, items, tmp_path):
     queries = [it.caption for it in items[:6]]
-    proc = subprocess.run([sys.executable, "-c", TORCH_FREE, str(model_dir), str(index_dir), json.dumps(queries)],
+    # The CI run holds out too few products to fit the rerank weight (it is 1); serve a copy with
+    # another weight, as a full run's export would carry, to check the rerank applies it.
+    assert ExportedModel(model_dir).manifest["cross_weight"] == 1.0
+    served_dir = tmp_path / "weighted"
+    shutil.copytree(model_dir, served_dir)
+    manifest = json.loads((served_dir / "manifest.json").read_text())
+    (served_dir / "manifest.json").write_text(json.dumps({**manifest, "cross_weight": 0.35}))
+    proc = subprocess.run([sys.executable, "-c", TORCH_FREE, str(served_dir), str(index_dir), json.dumps(queries)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     served = json.loads(proc.stdout)
@@ -172,7 +179,8 @@ def test_a_torch_free_process_reproduces_the_pytorch_rankings(run_dir, model_dir
     torch_model.float().eval()
     tok = ExportedModel(model_dir, variant="fp32").tokenizer
     pixels = torch.from_numpy(np.stack([it.image for it in items]))
-    scale = float(torch_model.itc.logit_scale.detach().exp().clamp(max=100))
+    scale = float(torch_model.itc.scale().detach())
+    unweighted_differs = False
     with torch.no_grad():
         v, v_states = ImageTower(torch_model, PatchFeatureExtractor(FeatureConfig("grid")).eval())(pixels)
         for q in queries:
@@ -183,9 +191,11 @@ def test_a_torch_free_process_reproduces_the_pytorch_rankings(run_dir, model_dir
             top = order[:10]
             logits = CrossEncoder(torch_model)(t_states.expand(10, -1, -1), torch.from_numpy(enc.mask).expand(10, -1),
                                                v_states[top]).numpy()
-            head = top[np.argsort(-(logits + scale * cos[top]), kind="stable")]
-            expected = [items[i].id for i in np.concatenate([head, order[10:]])]
-            assert served["rankings"][q] == expected
+            ranked = {w: [items[i].id for i in top[np.argsort(-(w * logits + scale * cos[top]), kind="stable")]]
+                      for w in (0.35, 1.0)}
+            assert served["rankings"][q] == ranked[0.35] + [items[i].id for i in order[10:]]
+            unweighted_differs |= ranked[0.35] != ranked[1.0]
+    assert unweighted_differs, "the weight changed no ranking: this check could not tell it was applied"
 
 
 # Index -------------------------------------------------------------------------------------------

@@ -304,6 +304,27 @@ def test_protocol_against_a_hand_computed_ranking(demo_data):
     g = full_gallery(score, sim, demo_data, cfg, progress=False)
     assert g["two_tower_t2i"]["R@1"] == 0.0
     assert g["reranked_t2i"]["R@1"] == pytest.approx(recall_at(expected_ranks)["R@1"])
+    # The service's order: weight 0 on the cross-encoder keeps the towers' order; with the towers'
+    # logit scaled to nothing, any positive weight gives the cross-encoder's order.
+    for weight, scale, fused in ((0.0, 1.0, g["two_tower_t2i"]), (2.0, 0.0, g["reranked_t2i"])):
+        out = full_gallery(score, sim, demo_data, cfg, progress=False, itc_scale=scale, cross_weight=weight)
+        assert out["fused_t2i"] == fused and out["cross_weight"] == weight
+
+
+def test_the_rerank_weight_is_fitted_on_held_out_products_and_recorded(demo_data, tmp_path):
+    from contextlib import nullcontext
+
+    from fashionbert.model.rerank_weight import GRID, cross_weight
+    from fashionbert.model.train import calibrate_rerank
+
+    model = tiny_model(num_patches=demo_data.feats.shape[1], patch_dim=demo_data.feats.shape[2])
+    save_model(model, tmp_path / "model", extra={"train": {"seed": 0}})
+    out = calibrate_rerank(tmp_path, demo_data, 5, torch.device("cpu"), nullcontext)
+    _, meta = load_model(tmp_path / "model")
+    assert meta["rerank"] == out and meta["train"] == {"seed": 0}  # added beside what was there
+    assert cross_weight(meta) in GRID and out["fitted_on"] == len(demo_data) and out["K"] == 5
+    assert set(out["mrr_by_weight"]) == {str(w) for w in GRID}
+    assert not list((tmp_path / "model").glob("*.tmp"))
 
 
 def test_neighbour_batches_group_near_duplicates():

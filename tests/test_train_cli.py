@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,3 +95,34 @@ def test_train_refuses_bad_settings_and_foreign_runs(trained_run, demo_catalog, 
     proc = subprocess.run(cli("eval", "--run", tmp_path / "nothing", "--catalog", demo_catalog), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2 and "not a trained FashionBERT model directory" in proc.stderr
+
+
+def test_calibrate_fits_the_rerank_weight_on_unseen_products_only(trained_run, demo_catalog, tmp_path):
+    from fashionbert.catalog.demo import generate
+    from fashionbert.model.rerank_weight import GRID
+
+    src, *_ = trained_run
+    run = tmp_path / "run"  # a copy: the module's other tests read the original
+    shutil.copytree(src / "model", run / "model")
+    shutil.copy(src / "summary.json", run / "summary.json")
+    unseen = generate(tmp_path / "unseen", n=24, seed=5, validation_share=0).out
+
+    def calibrate(catalog, *extra):
+        return subprocess.run(cli("calibrate", "--run", run, "--catalog", catalog, "--rerank-k", 5, *extra),
+                              capture_output=True, text=True, timeout=300)
+
+    proc = calibrate(demo_catalog)  # the catalog it trained on
+    assert proc.returncode == 2 and "never saw" in proc.stderr and "Traceback" not in proc.stderr
+    few = generate(tmp_path / "few", n=12, seed=6, validation_share=0).out
+    proc = calibrate(few)
+    assert proc.returncode == 2 and "at least 20" in proc.stderr
+    proc = subprocess.run(cli("calibrate", "--run", tmp_path / "nothing", "--catalog", unseen), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "not a trained FashionBERT model directory" in proc.stderr
+
+    proc = calibrate(unseen)
+    assert proc.returncode == 0, proc.stderr
+    rerank = json.loads((run / "model" / "config.json").read_text())["rerank"]
+    assert rerank["cross_weight"] in GRID and rerank["fitted_on"] == 24 and rerank["K"] == 5
+    assert f"rerank weight on the cross-encoder logit {rerank['cross_weight']:g}" in proc.stdout
+    assert (run / "calibration-grid.h5").is_file()  # its own features, apart from the training catalog's

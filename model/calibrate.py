@@ -1,0 +1,56 @@
+"""`fashionbert calibrate`: fit the rerank's cross-encoder weight on products a run never trained on.
+
+The demo pipeline renders a small second demo catalog with another seed (the same generator, other
+products) and fits on it; with a catalog of your own, hold out products of your own. See
+model/rerank_weight.py for what the weight is and why it is fitted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..catalog.readers import open_catalog
+from .data import ensure_features, load_split
+from .feature_store import FeatureStore
+from .fashionbert import load_model
+from .features import resolve_precision
+from .tokenizer import CaptionTokenizer
+from .train import calibrate_rerank
+
+log = logging.getLogger(__name__)
+
+
+def calibrate(run: str | Path, catalog_path: str | Path, split: str = "all", features_path: str | Path | None = None,
+              rerank_k: int = 20, device: str = "cpu", precision: str = "auto", progress: bool = True) -> dict:
+    run, catalog_path = Path(run), Path(catalog_path)
+    if rerank_k < 2:
+        raise ValueError("--rerank-k must be at least 2")
+    model, meta = load_model(run / "model")  # a clear error when the run has no trained model
+    trained_on = json.loads((run / "summary.json").read_text()).get("catalog") if (run / "summary.json").is_file() else None
+    if trained_on and Path(trained_on).resolve() == catalog_path.resolve() and split in ("train", "all"):
+        raise ValueError(f"{run} was trained on the train split of {catalog_path}: fit the weight on products it never "
+                         "saw (another catalog, or --split validation, which then no longer measures it fairly)")
+    if trained_on and Path(trained_on).resolve() == catalog_path.resolve():
+        log.warning("Fitting on %s's %s split: evaluations on that split will flatter the rerank.", catalog_path, split)
+    mode = meta.get("train", {}).get("feature_mode", "grid")
+    catalog = open_catalog(catalog_path)
+    # Its own feature file: demo catalogs drawn with other seeds reuse item ids, and a shared file would mix them.
+    features_path = Path(features_path) if features_path else run / f"calibration-{mode}.h5"
+    ensure_features(catalog, features_path, mode, progress=progress)
+    with FeatureStore(features_path) as store:
+        if store.shape[1:] != (model.config.num_patches, model.config.patch_dim):
+            raise ValueError(f"{features_path} holds {store.shape[1]}x{store.shape[2]} features, the model reads "
+                             f"{model.config.num_patches}x{model.config.patch_dim}")
+        tok = CaptionTokenizer(run / "model" / "tokenizer.json", model.config.max_text_len)
+        data = load_split(catalog, split, store, tok, {})
+    if len(set(data.product.tolist())) < 20:
+        raise ValueError(f"{catalog_path} ({split}) has {len(set(data.product.tolist()))} products with features: "
+                         "fitting the weight needs at least 20")
+    dev = torch.device(device)
+    bf16 = resolve_precision(precision, dev) == "bf16"
+    autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    return calibrate_rerank(run, data, rerank_k, dev, autocast, source=f"products of {catalog_path} ({split})")
