@@ -30,7 +30,7 @@ def container_commands() -> list[list[str]]:
 def test_containers_run_only_cli_commands_that_parse_and_that_the_tests_run():
     commands = container_commands()
     stages = {tuple(c[1:3]) if c[1] in ("catalog", "index") else (c[1],) for c in commands}
-    assert {("catalog", "demo"), ("features",), ("train",), ("export",), ("index", "build"), ("serve",)} <= stages
+    assert {("catalog", "demo"), ("features",), ("train",), ("calibrate",), ("export",), ("index", "build"), ("serve",)} <= stages
     tests = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py") if p.name != "test_docker.py")
     parser = build_parser()
     for command in commands:
