@@ -1,9 +1,10 @@
 """Search as the service runs it: text tower -> FAISS recall -> cross-encoder rerank of the top K.
 
-The rerank orders the top K by the cross-encoder's match logit, times the weight training fitted
-on held-out training products (manifest "cross_weight", model/rerank_weight.py), plus the two-tower
+The rerank orders the top K by the cross-encoder's match logit, times a weight fitted on products
+the model never trained on (manifest "cross_weight", model/rerank_weight.py), plus the two-tower
 logit (the towers' learned inverse temperature times the cosine): the two models' evidence added.
-On the demo catalog this ordering measured better than either alone (README, "Evaluation").
+On the demo catalog this ordering measured far better than the cross-encoder alone and level with
+the towers alone at R@1, ahead at R@5 and R@10 (README, "Results").
 """
 
 from __future__ import annotations

@@ -135,7 +135,7 @@ def full_gallery(score, sim: np.ndarray, data: SplitData, cfg: EvalConfig, progr
 
     With `itc_scale` (the towers' learned inverse temperature) a third pipeline is reported, the
     service's: the rerank orders the top K by cross_weight * cross-encoder logit + itc_scale *
-    two-tower cosine, where cross_weight was fitted in training on held-out training products
+    two-tower cosine, where cross_weight was fitted on products the model never trained on
     (model/rerank_weight.py), never on evaluation data.
     """
     products = one_row_per_product(data)

@@ -39,9 +39,9 @@ from tqdm import tqdm
 
 from ..catalog.readers import open_catalog
 from .fashionbert import FashionBert, load_model
-from .rerank_weight import cross_weight
 from .feature_store import FeatureStore
 from .features import FeatureConfig, PatchFeatureExtractor
+from .rerank_weight import cross_weight
 from ..atomic import replace_dir
 
 log = logging.getLogger(__name__)

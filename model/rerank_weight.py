@@ -4,11 +4,12 @@ The service orders the top K by `cross_weight * cross-encoder logit + two-tower 
 teaches the cross-encoder to correct the towers with the weight at 1, but on products it has never
 seen its corrections are noisier than on the ones it trained on, so 1 trusts it too much (on the
 demo catalog's validation split a weight of 1 ranked below the towers alone at R@1, README
-"Evaluation"). Training therefore holds out a few hundred of its own products and, after the last
-epoch, picks the weight that ranks their captions best; evaluation data is never used for it.
+"Results"). So the weight is fitted on products the run never trained on: `fashionbert calibrate`
+on a catalog of them (model/calibrate.py), or training's own held-out products
+(`calibration_products`); evaluation data is never used for it.
 
 The criterion is the mean reciprocal rank of the true product within the top K: like R@1 it rewards
-the first place most, but it moves smoothly with the weight, so a few hundred queries suffice.
+the first place most, but it moves more smoothly with the weight, so a few hundred queries can fit it.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ class TrainConfig:
     # Training products held out of training to fit the rerank's weight on the cross-encoder logit
     # (model/rerank_weight.py); at most a tenth of them, and none when that is under 20. Off by
     # default: on the demo catalog a default-budget run holding out 400 of the 4,800 reached 61.4
-    # full-gallery two-tower R@1 against 71.8 without (README, "Training"); `fashionbert calibrate`
+    # full-gallery two-tower R@1 against 71.8 without (README, "Results"); `fashionbert calibrate`
     # fits the weight afterwards on products the run never saw instead. With neither, it is 1.
     calibration_products: int = 0
     rerank_k: int = 20  # the rerank depth the weight is fitted for (the service's default)
@@ -428,12 +428,10 @@ def calibration_products(catalog, cfg: TrainConfig) -> frozenset[str]:
     return frozenset(products[i] for i in np.random.default_rng([cfg.seed, 11]).choice(len(products), n, replace=False))
 
 
-def calibrate_rerank(run: Path, data: SplitData | None, rerank_k: int, device: torch.device, autocast,
+def calibrate_rerank(run: Path, data: SplitData, rerank_k: int, device: torch.device, autocast,
                      source: str = "held-out training products") -> dict:
     """Fit the rerank's cross-encoder weight on products the model never trained on (`data`), with
     the run's best model, and record it in the model's config.json, where evaluation and export read it."""
-    if data is None or not (run / "model" / "config.json").is_file():
-        return {"cross_weight": 1.0, "fitted_on": 0}
     model, meta = load_model(run / "model")
     model.to(device)
     k = min(rerank_k, len(data))
@@ -690,7 +688,10 @@ def train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features_
     finally:
         log_file.close()
 
-    rerank = calibrate_rerank(run, calib_data, cfg.rerank_k, device, autocast)
+    # None: not fitted here (`fashionbert calibrate` may fit it later, into model/config.json).
+    rerank = None
+    if calib_data is not None and (run / "model").is_dir():
+        rerank = calibrate_rerank(run, calib_data, cfg.rerank_k, device, autocast)
     summary = {"stopped": state.stopped, "steps": state.step, "epochs": len(state.history),
                "training_minutes": round(state.elapsed / 60, 2),
                "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
