@@ -13,12 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ..catalog.readers import open_catalog
-from .data import ensure_features, load_split
-from .feature_store import FeatureStore
+from .evaluate import read_split
 from .fashionbert import load_model
 from .features import resolve_precision
-from .tokenizer import CaptionTokenizer
 from .train import calibrate_rerank
 
 log = logging.getLogger(__name__)
@@ -37,16 +34,9 @@ def calibrate(run: str | Path, catalog_path: str | Path, split: str = "all", fea
     if trained_on and Path(trained_on).resolve() == catalog_path.resolve():
         log.warning("Fitting on %s's %s split: evaluations on that split will flatter the rerank.", catalog_path, split)
     mode = meta.get("train", {}).get("feature_mode", "grid")
-    catalog = open_catalog(catalog_path)
     # Its own feature file: demo catalogs drawn with other seeds reuse item ids, and a shared file would mix them.
     features_path = Path(features_path) if features_path else run / f"calibration-{mode}.h5"
-    ensure_features(catalog, features_path, mode, progress=progress)
-    with FeatureStore(features_path) as store:
-        if store.shape[1:] != (model.config.num_patches, model.config.patch_dim):
-            raise ValueError(f"{features_path} holds {store.shape[1]}x{store.shape[2]} features, the model reads "
-                             f"{model.config.num_patches}x{model.config.patch_dim}")
-        tok = CaptionTokenizer(run / "model" / "tokenizer.json", model.config.max_text_len)
-        data = load_split(catalog, split, store, tok, {})
+    data = read_split(model, run, catalog_path, split, features_path, mode, progress)
     if len(set(data.product.tolist())) < 20:
         raise ValueError(f"{catalog_path} ({split}) has {len(set(data.product.tolist()))} products with features: "
                          "fitting the weight needs at least 20")

@@ -28,7 +28,7 @@ from ..catalog.readers import open_catalog
 from .data import SplitData, default_features_path, ensure_features, load_split, negatives_by_subcategory
 from .feature_store import FeatureStore
 from .features import resolve_precision
-from .fashionbert import load_model
+from .fashionbert import FashionBert, load_model
 from .rerank_weight import cross_weight
 from .tokenizer import CaptionTokenizer
 from .train import PairScorer
@@ -192,6 +192,19 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_split(model: FashionBert, run: Path, catalog_path: str | Path, split: str, features_path: Path, mode: str,
+               progress: bool = True) -> SplitData:
+    """A catalog split as `model` reads it: its kind of features (brought up to date first) and its tokenizer."""
+    catalog = open_catalog(catalog_path)
+    ensure_features(catalog, features_path, mode, progress=progress)
+    with FeatureStore(features_path) as store:
+        if store.shape[1:] != (model.config.num_patches, model.config.patch_dim):
+            raise ValueError(f"{features_path} holds {store.shape[1]}x{store.shape[2]} features, the model reads "
+                             f"{model.config.num_patches}x{model.config.patch_dim}: use the features it was trained on")
+        tok = CaptionTokenizer(run / "model" / "tokenizer.json", model.config.max_text_len)
+        return load_split(catalog, split, store, tok, {})
+
+
 def evaluate(run: str | Path, catalog_path: str | Path, cfg: EvalConfig, features_path: str | Path | None = None,
              progress: bool = True, out_name: str | None = None) -> dict:
     run = Path(run)
@@ -199,15 +212,8 @@ def evaluate(run: str | Path, catalog_path: str | Path, cfg: EvalConfig, feature
     device = torch.device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     mode = meta.get("train", {}).get("feature_mode", "grid")
-    catalog = open_catalog(catalog_path)
     features_path = Path(features_path) if features_path else default_features_path(catalog_path, mode)
-    ensure_features(catalog, features_path, mode, progress=progress)
-    with FeatureStore(features_path) as store:
-        if store.shape[1:] != (model.config.num_patches, model.config.patch_dim):
-            raise ValueError(f"{features_path} holds {store.shape[1]}x{store.shape[2]} features, the model reads "
-                             f"{model.config.num_patches}x{model.config.patch_dim}: use the features it was trained on")
-        tok = CaptionTokenizer(run / "model" / "tokenizer.json", model.config.max_text_len)
-        data = load_split(catalog, cfg.split, store, tok, {})
+    data = read_split(model, run, catalog_path, cfg.split, features_path, mode, progress)
     model.to(device)
     start = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
