@@ -11,6 +11,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .evaluate import read_split
@@ -28,19 +29,19 @@ def calibrate(run: str | Path, catalog_path: str | Path, split: str = "all", fea
         raise ValueError("--rerank-k must be at least 2")
     model, meta = load_model(run / "model")  # a clear error when the run has no trained model
     trained_on = json.loads((run / "summary.json").read_text()).get("catalog") if (run / "summary.json").is_file() else None
-    if trained_on and Path(trained_on).resolve() == catalog_path.resolve() and split in ("train", "all"):
-        raise ValueError(f"{run} was trained on the train split of {catalog_path}: fit the weight on products it never "
-                         "saw (another catalog, or --split validation, which then no longer measures it fairly)")
     if trained_on and Path(trained_on).resolve() == catalog_path.resolve():
+        if split in ("train", "all"):
+            raise ValueError(f"{run} was trained on the train split of {catalog_path}: fit the weight on products it "
+                             "never saw (another catalog, or --split validation, which then no longer measures it fairly)")
         log.warning("Fitting on %s's %s split: evaluations on that split will flatter the rerank.", catalog_path, split)
     mode = meta.get("train", {}).get("feature_mode", "grid")
     # Its own feature file: demo catalogs drawn with other seeds reuse item ids, and a shared file would mix them.
     features_path = Path(features_path) if features_path else run / f"calibration-{mode}.h5"
     data = read_split(model, run, catalog_path, split, features_path, mode, progress)
-    if len(set(data.product.tolist())) < 20:
-        raise ValueError(f"{catalog_path} ({split}) has {len(set(data.product.tolist()))} products with features: "
-                         "fitting the weight needs at least 20")
+    products = len(np.unique(data.product))
+    if products < 20:
+        raise ValueError(f"{catalog_path} ({split}) has {products} products with features: fitting the weight needs at least 20")
     dev = torch.device(device)
     bf16 = resolve_precision(precision, dev) == "bf16"
     autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
-    return calibrate_rerank(run, data, rerank_k, dev, autocast, source=f"products of {catalog_path} ({split})")
+    return calibrate_rerank(run, model, meta, data, rerank_k, dev, autocast, source=f"products of {catalog_path} ({split})")

@@ -428,11 +428,11 @@ def calibration_products(catalog, cfg: TrainConfig) -> frozenset[str]:
     return frozenset(products[i] for i in np.random.default_rng([cfg.seed, 11]).choice(len(products), n, replace=False))
 
 
-def calibrate_rerank(run: Path, data: SplitData, rerank_k: int, device: torch.device, autocast,
-                     source: str = "held-out training products") -> dict:
+def calibrate_rerank(run: Path, model: FashionBert, meta: dict, data: SplitData, rerank_k: int, device: torch.device,
+                     autocast, source: str = "held-out training products") -> dict:
     """Fit the rerank's cross-encoder weight on products the model never trained on (`data`), with
-    the run's best model, and record it in the model's config.json, where evaluation and export read it."""
-    model, meta = load_model(run / "model")
+    the run's best model (`model` and `meta`, as loaded from RUN/model), and record it in that
+    config.json, where evaluation and export read it."""
     model.to(device)
     k = min(rerank_k, len(data))
     with autocast():
@@ -691,7 +691,7 @@ def train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features_
     # None: not fitted here (`fashionbert calibrate` may fit it later, into model/config.json).
     rerank = None
     if calib_data is not None and (run / "model").is_dir():
-        rerank = calibrate_rerank(run, calib_data, cfg.rerank_k, device, autocast)
+        rerank = calibrate_rerank(run, *load_model(run / "model"), calib_data, cfg.rerank_k, device, autocast)
     summary = {"stopped": state.stopped, "steps": state.step, "epochs": len(state.history),
                "training_minutes": round(state.elapsed / 60, 2),
                "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),

@@ -319,7 +319,7 @@ def test_the_rerank_weight_is_fitted_on_held_out_products_and_recorded(demo_data
 
     model = tiny_model(num_patches=demo_data.feats.shape[1], patch_dim=demo_data.feats.shape[2])
     save_model(model, tmp_path / "model", extra={"train": {"seed": 0}})
-    out = calibrate_rerank(tmp_path, demo_data, 5, torch.device("cpu"), nullcontext)
+    out = calibrate_rerank(tmp_path, *load_model(tmp_path / "model"), demo_data, 5, torch.device("cpu"), nullcontext)
     _, meta = load_model(tmp_path / "model")
     assert meta["rerank"] == out and meta["train"] == {"seed": 0}  # added beside what was there
     assert cross_weight(meta) in GRID and out["fitted_on"] == len(demo_data) and out["K"] == 5
