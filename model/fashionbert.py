@@ -90,16 +90,16 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, t, h = x.shape  # (B, T, H)
         q, k, v = (proj(x).view(b, t, self.heads, h // self.heads).transpose(1, 2) for proj in (self.query, self.key, self.value))
+        # Spelled out rather than F.scaled_dot_product_attention, for three measured reasons: the
+        # ONNX exporter's lowering of SDPA's boolean mask did not match PyTorch (and this form is
+        # what ONNX Runtime's fusions recognise); on CPU, SDPA's fused kernel made a training step's
+        # backward 50 % slower; and its dropout on the attention weights drew random masks that
+        # took 40 % of a step's forward pass (README, "Training").
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(h // self.heads)
         # mask: (B, 1, 1, T) bool, True = attend. Padding keys get no weight.
-        if torch.onnx.is_in_onnx_export():
-            # Spelled out for the ONNX graph: the exporter's lowering of a boolean SDPA mask did
-            # not match PyTorch, and the explicit form is what ONNX Runtime's fusions recognise.
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(h // self.heads)
-            scores = scores + (~mask).to(scores.dtype) * torch.finfo(scores.dtype).min
-            out = torch.softmax(scores, dim=-1) @ v
-            return out.transpose(1, 2).reshape(b, t, h)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return out.transpose(1, 2).reshape(b, t, h)
+        scores = scores + (~mask).to(scores.dtype) * torch.finfo(scores.dtype).min
+        weights = F.dropout(torch.softmax(scores, dim=-1), self.dropout, self.training)
+        return (weights @ v).transpose(1, 2).reshape(b, t, h)
 
 
 class Output(nn.Module):

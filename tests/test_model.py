@@ -15,7 +15,8 @@ from fashionbert.model.fashionbert import (FashionBert, FashionBertConfig, defau
 from fashionbert.model.feature_store import FeatureStore, compute_features
 from fashionbert.model.features import FeatureConfig, PatchFeatureExtractor
 from fashionbert.model.tokenizer import CaptionTokenizer
-from fashionbert.model.train import TrainConfig, mask_patches, mine_neighbours, step_losses, whole_word_mask
+from fashionbert.model.train import (TrainConfig, mask_patches, mine_neighbours, param_groups, step_losses,
+                                     whole_word_mask)
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, dropout=0.0)
 
@@ -184,6 +185,19 @@ def test_separate_fusion_layers_leave_the_towers_alone(demo_data, tok, tmp_path)
         # The towers' own top layer never sees TIA; the shared lower layers only when not detached.
         assert model.encoder.layer[2].output.dense.weight.grad is None
         assert (model.encoder.layer[0].output.dense.weight.grad is None) == detached
+
+
+def test_optimiser_groups_cover_every_weight_once():
+    model = tiny_model(num_layers=3, fusion_layers=1)
+    model.separate_fusion_layers()
+    groups = param_groups(model, TrainConfig(lr_backbone=1e-4, lr_new=1e-3))
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())  # each once (the tied decoder too), none left out
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert {rate[id(p)] for p in model.fusion.parameters()} == {rate[id(model.encoder.layer[0].output.dense.weight)]} == {1e-4}
+    assert rate[id(model.tia.classifier.weight)] == rate[id(model.patch_embeddings.projection.weight)] == 1e-3
+    assert [g.get("weight_decay") for g in groups] == [None, None, 0.0] and groups[2]["params"] == [model.itc.logit_scale]
+    assert all(g["base_lr"] == g["lr"] for g in groups)
 
 
 def test_masking_is_whole_words_and_patches(tok):

@@ -1,0 +1,107 @@
+"""Seconds per training step, split into forward, adaptive-weight solve, backward and optimiser,
+for several training settings side by side in one process.
+
+    .venv/bin/python bench/train_step.py --catalog data/demo [--steps 6] [--variants default,dropout-0.1,cross-24]
+
+Each variant builds the default model from the pre-trained backbone, runs one warm-up step and
+then `--steps` timed steps on the same batches of the demo catalog's training split (real patch
+features), with the precision training would use. Variants are interleaved step by step, so
+that noise on this shared machine hits them alike. The table is the median per part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fashionbert.catalog.readers import open_catalog
+from fashionbert.model.adaptive_loss import AdaptiveLossWeights
+from fashionbert.model.data import default_features_path, load_split
+from fashionbert.model.fashionbert import from_pretrained_bert
+from fashionbert.model.feature_store import FeatureStore
+from fashionbert.model.features import resolve_precision
+from fashionbert.model.tokenizer import CaptionTokenizer
+from fashionbert.model.train import TrainConfig, epoch_batches, param_groups, step_losses
+
+VARIANTS = {
+    "default": {},
+    "dropout-0.1": {"dropout": 0.1},  # BERT's dropout, on attention weights and hidden states
+    "cross-24": {"cross_texts": 24, "tia_negatives": 4, "hard_negatives": 3},
+    "fixed-weights": {"loss_weighting": "fixed"},  # no per-task gradient norms
+}
+PARTS = ("forward", "adaptive", "backward", "optimiser")
+
+
+class Runner:
+    def __init__(self, name: str, overrides: dict, catalog, store: FeatureStore, precision: str):
+        self.name, self.cfg = name, TrainConfig(**overrides)
+        torch.manual_seed(0)
+        model, bert_dir = from_pretrained_bert(None, num_patches=store.shape[1], patch_dim=store.shape[2],
+                                               max_text_len=self.cfg.max_text_len, fusion_layers=self.cfg.fusion_layers,
+                                               dropout=self.cfg.dropout)
+        model.separate_fusion_layers()
+        self.model = model.train()
+        self.tok = CaptionTokenizer(bert_dir / "tokenizer.json", self.cfg.max_text_len)
+        self.data = load_split(catalog, "train", store, self.tok, {}, limit=1000)
+        self.optimizer = torch.optim.AdamW(param_groups(model, self.cfg), weight_decay=self.cfg.weight_decay)
+        self.weighting = AdaptiveLossWeights(list(self.cfg.tasks), self.cfg.loss_weighting)
+        self.batches = epoch_batches(self.data, self.cfg, 0)
+        self.bf16 = precision == "bf16"
+        self.times: dict[str, list[float]] = {p: [] for p in PARTS}
+
+    def step(self, i: int, record: bool) -> None:
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            losses = step_losses(self.model, self.data, self.batches[i], self.cfg, self.tok, np.random.default_rng(i))
+        t1 = time.perf_counter()
+        weights = self.weighting.update(losses, self.model.last_shared_weight())
+        t2 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.weighting.combine(losses, weights).backward()
+        t3 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        self.optimizer.step()
+        t4 = time.perf_counter()
+        if record:
+            for part, d in zip(PARTS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                self.times[part].append(d)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--catalog", default="data/demo")
+    parser.add_argument("--features", help="default: features/grid.h5 beside the catalog")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--variants", default="default,dropout-0.1,cross-24,fixed-weights",
+                        help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    args = parser.parse_args()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants: {', '.join(unknown)}")
+    precision = resolve_precision("auto", torch.device("cpu"))
+    catalog = open_catalog(args.catalog)
+    features = Path(args.features) if args.features else default_features_path(args.catalog, "grid")
+    with FeatureStore(features) as store:
+        runners = [Runner(n, VARIANTS[n], catalog, store, precision) for n in names]
+    for i in range(args.steps + 1):
+        for r in runners:
+            r.step(i, record=i > 0)  # step 0 warms up
+    print(f"Training step, {precision}, {torch.get_num_threads()} threads, median of {args.steps} steps (seconds)\n")
+    print("| variant | " + " | ".join(PARTS) + " | step | vs first row |")
+    print("| --- |" + " ---: |" * (len(PARTS) + 2))
+    base = None
+    for r in runners:
+        med = {p: statistics.median(r.times[p]) for p in PARTS}
+        total = statistics.median([sum(x) for x in zip(*(r.times[p] for p in PARTS))])
+        base = base or total
+        print(f"| {r.name} | " + " | ".join(f"{med[p]:.3f}" for p in PARTS) + f" | {total:.3f} | {total / base:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
