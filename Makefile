@@ -58,7 +58,7 @@ $(CATALOG)/catalog.jsonl: | install
 $(FEATURES): $(CATALOG)/catalog.jsonl
 	$(BIN)/fashionbert features --catalog $(CATALOG) --out $@
 
-# The default training budget: at most 3 epochs, capped at 12.5 minutes of training on the CPU.
+# The default training budget: at most 5 epochs, capped at 13.5 minutes of training on the CPU.
 # An interrupted run resumes when the same command runs again.
 # Order-only: evaluating or re-checking the features rewrites their file, which must not retrain.
 $(MODEL): | $(FEATURES)
@@ -87,7 +87,7 @@ bench: $(INDEX)/manifest.json
 eval: $(CALIBRATED)
 	$(BIN)/fashionbert eval --run $(RUNS)/default --catalog $(CATALOG)
 
-# Ablations: the default recipe with one thing changed, trained for the same 3 epochs (a long
+# Ablations: the default recipe with one thing changed, trained for the same 5 epochs (a long
 # time cap, so a busy machine changes the time, not the number of steps) and evaluated alike.
 ABLATE = $(BIN)/fashionbert train --catalog $(CATALOG) --max-minutes 40 --out $(RUNS)/$(1) $(2) && \
          $(BIN)/fashionbert calibrate --run $(RUNS)/$(1) --catalog $(CALIBRATION) && \
