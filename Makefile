@@ -78,10 +78,11 @@ $(EXPORT)/manifest.json: $(CALIBRATED)
 $(INDEX)/manifest.json: $(EXPORT)/manifest.json
 	$(BIN)/fashionbert index build --model $(EXPORT) --catalog $(CATALOG) --out $(INDEX) --overwrite
 
-## Rerank variants against PyTorch, and the FAISS recall stage (tables for BENCHMARKS.md).
+## Rerank variants against PyTorch, the FAISS recall stage and a training step (tables for BENCHMARKS.md).
 bench: $(INDEX)/manifest.json
 	$(BIN)/python bench/rerank_variants.py --run $(RUNS)/default --model $(EXPORT)
 	$(BIN)/python bench/index_bench.py --model $(EXPORT) --index $(INDEX)
+	$(BIN)/python bench/train_step.py --catalog $(CATALOG)
 
 ## The paper's protocol, matching and full-gallery retrieval for the default model.
 eval: $(CALIBRATED)
