@@ -93,7 +93,7 @@ class SelfAttention(nn.Module):
         # Spelled out rather than F.scaled_dot_product_attention, for three measured reasons: the
         # ONNX exporter's lowering of SDPA's boolean mask did not match PyTorch (and this form is
         # what ONNX Runtime's fusions recognise); on CPU, SDPA's fused kernel made a training step's
-        # backward 50 % slower; and its dropout on the attention weights drew random masks that
+        # backward nearly twice as slow; and its dropout on the attention weights drew random masks that
         # took 40 % of a step's forward pass (README, "Training").
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(h // self.heads)
         # mask: (B, 1, 1, T) bool, True = attend. Padding keys get no weight.

@@ -74,7 +74,8 @@ class TrainConfig:
     tia_detached: bool = False
     separate_fusion: bool = True  # the cross-encoder's fusion layers are its own (model/fashionbert.py)
     # Dropout in the trunk and the new layers (BERT's is 0.1). Off by default: the random masks
-    # cost a fifth of a CPU training step (measured), and a run of a few epochs barely overfits.
+    # cost a quarter of a CPU training step (bench/train_step.py), and a few epochs over the
+    # demo catalog do not overfit (a tiny catalog trained for many epochs does: tests/conftest.py).
     dropout: float = 0.0
     lr_backbone: float = 1e-4
     lr_new: float = 1e-3  # patch embeddings and heads start from scratch: a higher rate

@@ -200,6 +200,20 @@ def test_optimiser_groups_cover_every_weight_once():
     assert all(g["base_lr"] == g["lr"] for g in groups)
 
 
+def test_dropout_is_a_validated_training_option():
+    assert TrainConfig().dropout == 0.0  # off by default (README, "Training")
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="dropout"):
+            TrainConfig(dropout=bad).validate()
+    model = tiny_model(dropout=0.5).train()
+    x = torch.randn(2, 5, 32)
+    mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    attention = model.encoder.layer[0].attention.self
+    assert not torch.equal(attention(x, mask), attention(x, mask))  # training: random masks
+    attention.eval()
+    assert torch.equal(attention(x, mask), attention(x, mask))
+
+
 def test_masking_is_whole_words_and_patches(tok):
     enc = tok(["double-breasted cashmere coat in navy with a belt at the waist"])
     ids = torch.from_numpy(enc.ids)
