@@ -56,7 +56,10 @@ class TrainConfig:
     loss_weighting: str = "adaptive"
     batch_size: int = 48  # products per step: ITC's in-batch negatives
     subcategories_per_batch: int = 4  # groups per batch: subcategories, or neighbourhoods (below)
-    neighbour_batches: bool = False  # from the second epoch, groups are caption-embedding neighbourhoods
+    # From the second epoch, groups are caption-embedding neighbourhoods: every in-batch negative
+    # is a near-duplicate, as in a rerank's top K. Full-gallery two-tower R@1 79.5 and 87.1 in two
+    # seeds against 70.6-75.2 for four runs with subcategory groups (README, "Results").
+    neighbour_batches: bool = True
     cross_texts: int = 12  # texts per step through the cross-encoder, each with 1 positive + `tia_negatives`
     tia_negatives: int = 5  # per text: the batch's hardest by two-tower similarity, mined ones, random same-subcategory
     hard_negatives: int = 4  # of those, how many are the batch's hardest by two-tower similarity (at most all)
