@@ -21,8 +21,8 @@ import torch
 
 from fashionbert.catalog.readers import open_catalog
 from fashionbert.model.adaptive_loss import AdaptiveLossWeights
-from fashionbert.model.data import default_features_path, load_split
-from fashionbert.model.fashionbert import from_pretrained_bert
+from fashionbert.model.data import SplitData, default_features_path, load_split
+from fashionbert.model.fashionbert import default_backbone, from_pretrained_bert
 from fashionbert.model.feature_store import FeatureStore
 from fashionbert.model.features import resolve_precision
 from fashionbert.model.tokenizer import CaptionTokenizer
@@ -38,16 +38,15 @@ PARTS = ("forward", "adaptive", "backward", "optimiser")
 
 
 class Runner:
-    def __init__(self, name: str, overrides: dict, catalog, store: FeatureStore, precision: str):
+    def __init__(self, name: str, overrides: dict, data: SplitData, tok: CaptionTokenizer, precision: str):
         self.name, self.cfg = name, TrainConfig(**overrides)
+        self.data, self.tok = data, tok
         torch.manual_seed(0)
-        model, bert_dir = from_pretrained_bert(None, num_patches=store.shape[1], patch_dim=store.shape[2],
-                                               max_text_len=self.cfg.max_text_len, fusion_layers=self.cfg.fusion_layers,
-                                               dropout=self.cfg.dropout)
+        model, _ = from_pretrained_bert(None, num_patches=data.feats.shape[1], patch_dim=data.feats.shape[2],
+                                        max_text_len=self.cfg.max_text_len, fusion_layers=self.cfg.fusion_layers,
+                                        dropout=self.cfg.dropout)
         model.separate_fusion_layers()
         self.model = model.train()
-        self.tok = CaptionTokenizer(bert_dir / "tokenizer.json", self.cfg.max_text_len)
-        self.data = load_split(catalog, "train", store, self.tok, {}, limit=1000)
         self.optimizer = torch.optim.AdamW(param_groups(model, self.cfg), weight_decay=self.cfg.weight_decay)
         self.weighting = AdaptiveLossWeights(list(self.cfg.tasks), self.cfg.loss_weighting)
         self.batches = epoch_batches(self.data, self.cfg, 0)
@@ -87,8 +86,11 @@ def main() -> None:
     precision = resolve_precision("auto", torch.device("cpu"))
     catalog = open_catalog(args.catalog)
     features = Path(args.features) if args.features else default_features_path(args.catalog, "grid")
+    # One copy of the data for all variants (none of them changes the tokenizer or the text length).
+    tok = CaptionTokenizer(default_backbone() / "tokenizer.json", TrainConfig().max_text_len)
     with FeatureStore(features) as store:
-        runners = [Runner(n, VARIANTS[n], catalog, store, precision) for n in names]
+        data = load_split(catalog, "train", store, tok, {}, limit=1000)
+    runners = [Runner(n, VARIANTS[n], data, tok, precision) for n in names]
     for i in range(args.steps + 1):
         for r in runners:
             r.step(i, record=i > 0)  # step 0 warms up

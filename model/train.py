@@ -56,8 +56,8 @@ class TrainConfig:
     loss_weighting: str = "adaptive"
     batch_size: int = 48  # products per step: ITC's in-batch negatives
     subcategories_per_batch: int = 4  # groups per batch: subcategories, or neighbourhoods (below)
-    # From the second epoch, groups are caption-embedding neighbourhoods: every in-batch negative
-    # is a near-duplicate, as in a rerank's top K. Full-gallery two-tower R@1 79.5 and 87.1 in two
+    # From the second epoch, groups are caption-embedding neighbourhoods: a product's hardest
+    # in-batch negatives are near-duplicates, as in a rerank's top K. Full-gallery two-tower R@1 79.5 and 87.1 in two
     # seeds against 70.6-75.2 for four runs with subcategory groups (README, "Results").
     neighbour_batches: bool = True
     cross_texts: int = 12  # texts per step through the cross-encoder, each with 1 positive + `tia_negatives`
@@ -484,7 +484,7 @@ class TrainState:
 def param_groups(model: FashionBert, cfg: TrainConfig) -> list[dict]:
     """AdamW's groups: the pre-trained trunk (its fusion-layer copies included), the new layers and
     heads, and the temperature (no weight decay). `base_lr` is what the schedule scales. (A faster
-    rate for the fusion layers, 5e-4, was measured worse: README, "Training".)"""
+    rate for the fusion layers, 5e-4, was measured worse: README, "Results".)"""
     backbone = {id(p) for p in model.backbone_parameters()}
     scale = model.itc.logit_scale
     groups = [

@@ -20,7 +20,8 @@ FASHIONGEN_SAMPLE = DATA / "fashiongen_256_256_validation.h5"
 # caption of a batch goes through the cross-encoder: with 2 of 8 (tried), its /match scores were
 # no better than chance on this catalog. Twelve epochs over 38 products overfit: it keeps BERT's
 # dropout, which the default recipe leaves off (measured: without it /match won 11 of 16 pairs),
-# and batches by subcategory: 38 products make neighbourhoods of little more than a subcategory.
+# and batches by subcategory, the recipe its thresholds were measured with (neighbourhood batches,
+# the default since, were not tried on it).
 TINY_TRAIN = {"dropout": 0.1, "neighbour_batches": False, "layers": 2, "fusion_layers": 1, "batch_size": 8, "subcategories_per_batch": 2, "cross_texts": 8,
               "tia_negatives": 3, "epochs": 12, "max_minutes": 10, "val_products": 8, "val_queries": 4,
               "checkpoint_minutes": 0, "precision": "bf16", "max_text_len": 32, "patience": 100}
