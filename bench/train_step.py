@@ -33,6 +33,7 @@ VARIANTS = {
     "dropout-0.1": {"dropout": 0.1},  # BERT's dropout, on attention weights and hidden states
     "cross-24": {"cross_texts": 24, "tia_negatives": 4, "hard_negatives": 3},
     "fixed-weights": {"loss_weighting": "fixed"},  # no per-task gradient norms
+    "cross-12": {"cross_texts": 12},  # the default before the rerank stage: 3x the cross-encoder pairs
 }
 PARTS = ("forward", "adaptive", "backward", "optimiser")
 
@@ -76,7 +77,7 @@ def main() -> None:
     parser.add_argument("--catalog", default="data/demo")
     parser.add_argument("--features", help="default: features/grid.h5 beside the catalog")
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--variants", default="default,dropout-0.1,cross-24,fixed-weights",
+    parser.add_argument("--variants", default="default,cross-12,dropout-0.1,cross-24,fixed-weights",
                         help=f"comma-separated, of: {', '.join(VARIANTS)}")
     args = parser.parse_args()
     names = args.variants.split(",")

@@ -92,7 +92,7 @@ def cmd_train(args) -> int:
     options = json.loads(open(args.config).read()) if args.config else {}
     if not isinstance(options, dict):
         raise ValueError(f"{args.config}: expected a JSON object of training options")
-    for key in ("feature_mode", "layers", "fusion_layers", "loss_weighting", "max_minutes", "epochs", "batch_size", "seed", "device",
+    for key in ("feature_mode", "layers", "fusion_layers", "loss_weighting", "max_minutes", "rerank_minutes", "epochs", "batch_size", "seed", "device",
                 "backbone", "max_train_products", "precision"):
         value = getattr(args, key)
         if value is not None:
@@ -285,7 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how many final layers attend across text and patches (= layers: the paper's full model)")
     tr.add_argument("--loss-weighting", dest="loss_weighting", choices=["adaptive", "released-code", "fixed"])
     tr.add_argument("--no-mpm", action="store_true", help="train without masked patch modelling (ablation)")
-    tr.add_argument("--max-minutes", dest="max_minutes", type=float, help="wall-clock budget of the training loop")
+    tr.add_argument("--max-minutes", dest="max_minutes", type=float,
+                    help="wall-clock budget of training, the rerank stage included (default 13.5)")
+    tr.add_argument("--rerank-minutes", dest="rerank_minutes", type=float,
+                    help="of those, the minutes of the final rerank stage (default 3; 0 = none)")
     tr.add_argument("--epochs", type=int)
     tr.add_argument("--batch-size", dest="batch_size", type=int)
     tr.add_argument("--max-train-products", dest="max_train_products", type=int)

@@ -39,6 +39,7 @@ from .data import SplitData, default_features_path, ensure_features, load_split
 from .feature_store import FeatureStore
 from .features import resolve_precision
 from .fashionbert import FashionBert, from_pretrained_bert, load_model, save_model
+from .rerank_stage import train_rerank_stage
 from .rerank_weight import fit_cross_weight, reciprocal_ranks
 from .tokenizer import CaptionTokenizer
 
@@ -60,7 +61,10 @@ class TrainConfig:
     # in-batch negatives are near-duplicates, as in a rerank's top K. Full-gallery two-tower R@1 79.5 and 87.1 in two
     # seeds against 70.6-75.2 for four runs with subcategory groups (README, "Results").
     neighbour_batches: bool = True
-    cross_texts: int = 12  # texts per step through the cross-encoder, each with 1 positive + `tia_negatives`
+    # Texts per step through the cross-encoder, each with 1 positive + `tia_negatives`. 4, not 12: a
+    # quarter of a step cheaper (bench/train_step.py), and the rerank stage (below) trains the
+    # cross-encoder far faster than these pairs do.
+    cross_texts: int = 4
     tia_negatives: int = 5  # per text: the batch's hardest by two-tower similarity, mined ones, random same-subcategory
     hard_negatives: int = 4  # of those, how many are the batch's hardest by two-tower similarity (at most all)
     # The listwise TIA loss ranks each text's candidates by the score the service ranks by:
@@ -100,6 +104,12 @@ class TrainConfig:
     # fits the weight afterwards on products the run never saw instead. With neither, it is 1.
     calibration_products: int = 0
     rerank_k: int = 20  # the rerank depth the weight is fitted for (the service's default)
+    # The rerank stage (model/rerank_stage.py): the last `rerank_minutes` of `max_minutes` train the
+    # cross-encoder alone against each training caption's two-tower top `rerank_k`; 0 = no stage.
+    rerank_minutes: float = 3.0
+    rerank_epochs: int = 3  # a cap in passes over the training captions (tiny catalogs reach it first)
+    rerank_queries: int = 6  # captions per step
+    rerank_negatives: int = 11  # per caption, drawn from its top `rerank_k` other products
     val_queries: int = 100
     checkpoint_minutes: float = 3.0
     precision: str = "auto"
@@ -138,6 +148,15 @@ class TrainConfig:
             raise ValueError("dropout must be in [0, 1)")
         if self.max_minutes <= 0 or self.epochs < 1:
             raise ValueError("max_minutes must be positive and epochs at least 1")
+        if not 0 <= self.rerank_minutes < self.max_minutes:
+            raise ValueError("rerank_minutes must be at least 0 and less than max_minutes")
+        if min(self.rerank_epochs, self.rerank_queries, self.rerank_negatives) < 1:
+            raise ValueError("need rerank_epochs, rerank_queries and rerank_negatives >= 1")
+
+    @property
+    def rerank_stage(self) -> bool:
+        """Whether the run ends with the rerank stage (it trains the cross-encoder's own layers)."""
+        return self.rerank_minutes > 0 and "tia" in self.tasks and self.separate_fusion
 
 
 # Masking -----------------------------------------------------------------------------------------
@@ -514,10 +533,10 @@ def _save_checkpoint(run: Path, model, optimizer, state: TrainState, weighting, 
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _save_best(run: Path, model, cfg: TrainConfig, bert_dir: Path, metrics: dict) -> None:
+def _save_best(run: Path, model, cfg: TrainConfig, bert_dir: Path, metrics: dict, extra: dict | None = None) -> None:
     tmp = run / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, extra={"train": asdict(cfg), "validation": metrics})
+    save_model(model, tmp, extra={"train": asdict(cfg), "validation": metrics, **(extra or {})})
     for name in TOKENIZER_FILES:
         if (bert_dir / name).is_file():
             shutil.copy(bert_dir / name, tmp / name)
@@ -618,10 +637,11 @@ def train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features_
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
     batches_per_epoch = len(epoch_batches(train_data, cfg, 0))
     total_steps = cfg.epochs * batches_per_epoch
-    budget = cfg.max_minutes * 60
+    # The multitask loop's share of the budget; the rerank stage has the rest.
+    budget = (cfg.max_minutes - (cfg.rerank_minutes if cfg.rerank_stage else 0)) * 60
     log.info("Training on %d products (%d validation, subset of %d for per-epoch checks): %d steps per epoch, "
              "at most %d epochs or %.1f minutes, %s, tasks %s, %s loss weights.", len(train_data),
-             len(catalog.records("validation")), len(val_data), batches_per_epoch, cfg.epochs, cfg.max_minutes,
+             len(catalog.records("validation")), len(val_data), batches_per_epoch, cfg.epochs, budget / 60,
              precision, "+".join(cfg.tasks), cfg.loss_weighting)
 
     log_file = open(run / "log.jsonl", "a")
@@ -647,7 +667,7 @@ def train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features_
             for rows in batches[state.step_in_epoch :]:
                 state.elapsed = time.perf_counter() - started
                 if state.elapsed > budget:
-                    state.stopped = f"time budget of {cfg.max_minutes} minutes reached"
+                    state.stopped = f"time budget of {budget / 60:g} minutes reached"
                     break
                 rng = np.random.default_rng([cfg.seed, state.step, 3])
                 factor = _lr_factor(max(state.step / total_steps, state.elapsed / budget), cfg.warmup)
@@ -705,12 +725,28 @@ def train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features_
     finally:
         log_file.close()
 
+    stage = None
+    if cfg.rerank_stage and (run / "model").is_dir():
+        best, meta = load_model(run / "model")
+        stage = meta.get("rerank_stage")  # already done when a crash came after it
+        if stage is None:
+            best.to(device)
+            stage = train_rerank_stage(best, train_data, cfg, autocast, cfg.rerank_minutes * 60, progress)
+            stage["validation_before"] = meta["validation"]
+            stage["validation_after"] = quick_validation(best, val_data, cfg, autocast)
+            best.eval()
+            log.info("After the rerank stage: validation reranked R@1 %.3f (before: %.3f; two-tower %.3f).",
+                     stage["validation_after"]["rerank_r1"], meta["validation"]["rerank_r1"],
+                     stage["validation_after"]["two_tower_r1"])
+            _save_best(run, best, cfg, bert_dir, meta["validation"], extra={"rerank_stage": stage})
+
     # None: not fitted here (`fashionbert calibrate` may fit it later, into model/config.json).
     rerank = None
     if calib_data is not None and (run / "model").is_dir():
         rerank = calibrate_rerank(run, *load_model(run / "model"), calib_data, cfg.rerank_k, device, autocast)
     summary = {"stopped": state.stopped, "steps": state.step, "epochs": len(state.history),
-               "training_minutes": round(state.elapsed / 60, 2),
+               "training_minutes": round(state.elapsed / 60 + (stage["minutes"] if stage else 0), 2),
+               "rerank_stage": stage,
                "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                "best_validation": max(state.history, key=lambda h: h["score"]) if state.history else None,
                "history": state.history, "rerank": rerank, "precision": precision, "config": asdict(cfg),

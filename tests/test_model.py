@@ -28,7 +28,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def demo_data(demo_catalog, tmp_path_factory, tok):
-    """The 48-product demo catalog's train split with real grid features."""
+    """The demo catalog's train split (96 products) with real grid features."""
     path = tmp_path_factory.mktemp("feats") / "grid.h5"
     catalog = open_catalog(demo_catalog)
     compute_features(catalog, path, PatchFeatureExtractor(FeatureConfig("grid")), precision="bf16", progress=False)
@@ -212,6 +212,53 @@ def test_dropout_is_a_validated_training_option():
     assert not torch.equal(attention(x, mask), attention(x, mask))  # training: random masks
     attention.eval()
     assert torch.equal(attention(x, mask), attention(x, mask))
+
+
+def test_rerank_candidates_are_each_captions_nearest_other_products():
+    from fashionbert.model.rerank_stage import rerank_candidates
+
+    product = np.array([0, 0, 1, 2, 3])  # rows 0 and 1: two poses of one product
+    sim = np.array([[0.9, 0.8, 0.1, 0.7, 0.3]] * 5)
+    top = rerank_candidates(sim, product, 3)
+    assert top[0].tolist() == [3, 4, 2]  # by similarity, never a pose of the caption's own product
+    assert top[3].tolist() == [0, 1, 4]
+    assert rerank_candidates(sim, product, 10).shape == (5, 3)  # capped by what a caption can have
+
+
+def _fused_listwise(model, data, lists) -> float:
+    """Mean listwise loss of the service's score over fixed lists (true image first)."""
+    from fashionbert.model.rerank_stage import rerank_stage_losses
+    from fashionbert.model.train import PairScorer
+
+    with torch.no_grad():
+        scorer = PairScorer(model, data)
+        logits = torch.from_numpy(scorer.logits(np.repeat(np.arange(len(data)), lists.shape[1]), lists.reshape(-1)))
+        tower = float(model.itc.scale()) * np.take_along_axis(scorer.similarity(), lists, 1)
+        return float(rerank_stage_losses(logits.view(lists.shape).float(), torch.from_numpy(tower).float())[0])
+
+
+def test_rerank_stage_trains_the_cross_encoder_and_leaves_the_towers_alone(demo_data):
+    import contextlib
+
+    from fashionbert.model.rerank_stage import rerank_candidates, train_rerank_stage
+    from fashionbert.model.train import PairScorer
+
+    model = tiny_model(num_layers=3, fusion_layers=1)
+    with pytest.raises(ValueError, match="separate_fusion"):  # it would move the towers' layers too
+        train_rerank_stage(model, demo_data, TrainConfig(), contextlib.nullcontext, 60, progress=False)
+    model.separate_fusion_layers()
+    with torch.no_grad():
+        before = PairScorer(model, demo_data)
+    lists = np.concatenate([np.arange(len(demo_data))[:, None], rerank_candidates(before.similarity(), demo_data.product, 5)], 1)
+    loss_before = _fused_listwise(model, demo_data, lists)
+    cfg = TrainConfig(rerank_epochs=6, rerank_queries=8, rerank_negatives=5, rerank_k=5, lr_backbone=1e-3)
+    out = train_rerank_stage(model, demo_data, cfg, contextlib.nullcontext, 300, progress=False)
+    assert out["steps"] == 6 * (len(demo_data) // 8) and out["stopped"] == "6 passes done"
+    with torch.no_grad():
+        after = PairScorer(model, demo_data)
+    assert torch.equal(after.text_emb, before.text_emb) and torch.equal(after.image_emb, before.image_emb)
+    assert all(p.requires_grad for p in model.parameters())  # the towers' weights are trainable again afterwards
+    assert _fused_listwise(model, demo_data, lists) < 0.8 * loss_before
 
 
 def test_masking_is_whole_words_and_patches(tok):

@@ -140,10 +140,17 @@ def validation_ranks(client, items) -> dict[bool, np.ndarray]:
 
 
 def test_validation_captions_find_their_products_in_the_top_10(validation_ranks):
-    """Captions the model never trained on find their product among 48 (chance of a top 10: 21 %);
-    the CI model places 7 of 10 there by recall and 6 of 10 after the rerank."""
+    """Captions the model never trained on find their product among 120 (chance of a top 10: 8 %)."""
     for rerank, ranks in validation_ranks.items():
-        assert len(ranks) >= 8 and np.mean(ranks <= 10) >= 0.5, (rerank, ranks)
+        assert len(ranks) >= 20 and np.mean(ranks <= 10) >= 0.5, (rerank, ranks)
+
+
+def test_rerank_moves_validation_captions_up_on_average(validation_ranks):
+    """The cross-encoder earns its cost: over captions it never trained on, the rerank lifts their
+    products more often than it drops them, and the mean rank falls."""
+    recall, reranked = validation_ranks[False], validation_ranks[True]
+    up, down = int((reranked < recall).sum()), int((reranked > recall).sum())
+    assert up > 2 * down and reranked.mean() < recall.mean(), (recall.tolist(), reranked.tolist())
 
 
 def test_image_query_is_more_like_this_without_rerank(client, items):
@@ -211,7 +218,7 @@ def test_add_find_delete_and_survive_a_restart(server, client, items):
     server.start()
     assert client.get("/items/new-item-1").status_code == 404
     every = client.post("/search", json={"text": source.caption, "k": 100, "candidates": 1000}).json()["items"]
-    assert "new-item-1" not in [h["id"] for h in every] and len(every) == len(items)
+    assert "new-item-1" not in [h["id"] for h in every] and len(every) == min(100, len(items))
 
 
 # Bad input ---------------------------------------------------------------------------------------
