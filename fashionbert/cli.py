@@ -101,9 +101,10 @@ def cmd_train(args) -> int:
         options["tasks"] = [t for t in options.get("tasks", ("mlm", "mpm", "tia", "itc")) if t != "mpm"]
     summary = train(args.catalog, args.out, TrainConfig.from_dict(options), features_path=args.features,
                     overwrite=args.overwrite, progress=not args.quiet)
-    best = summary["best_validation"] or {}
-    log.info("Best validation: two-tower R@1 %.3f, reranked R@1 %.3f; %.1f training minutes, peak memory %d MB.",
-             best.get("two_tower_r1", 0), best.get("rerank_r1", 0), summary["training_minutes"], summary["peak_memory_mb"])
+    best = (summary.get("rerank_stage") or {}).get("validation_after") or summary["best_validation"] or {}
+    log.info("Validation of the saved model: two-tower R@1 %.3f, reranked R@1 %.3f; %.1f training minutes, "
+             "peak memory %d MB.", best.get("two_tower_r1", 0), best.get("rerank_r1", 0), summary["training_minutes"],
+             summary["peak_memory_mb"])
     return 0
 
 

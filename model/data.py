@@ -46,6 +46,13 @@ class SplitData:
     def __len__(self) -> int:
         return len(self.items)
 
+    def subset(self, rows) -> "SplitData":
+        """These rows only, in this order."""
+        rows = np.asarray(rows)
+        return SplitData(items=[self.items[r] for r in rows], ids=self.ids[rows], mask=self.mask[rows],
+                         word_ids=[self.word_ids[r] for r in rows], feats=self.feats[rows], product=self.product[rows],
+                         subcategory=self.subcategory[rows])
+
     def texts(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and mask of these rows, trimmed to their longest caption."""
         ids, mask = self.ids[rows], self.mask[rows]

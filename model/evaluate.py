@@ -113,9 +113,7 @@ def paper_protocol(score, data: SplitData, cfg: EvalConfig, progress: bool = Tru
 
 def _product_view(data: SplitData, rows: np.ndarray) -> SplitData:
     """The split restricted to one row per product (for negative sampling by index into `rows`)."""
-    return SplitData(items=[data.items[r] for r in rows], ids=data.ids[rows], mask=data.mask[rows],
-                     word_ids=[data.word_ids[r] for r in rows], feats=data.feats[rows], product=data.product[rows],
-                     subcategory=data.subcategory[rows])
+    return data.subset(rows)
 
 
 def matching(score, data: SplitData, cfg: EvalConfig) -> dict:

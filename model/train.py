@@ -46,6 +46,7 @@ from .tokenizer import CaptionTokenizer
 log = logging.getLogger(__name__)
 TASKS = ("mlm", "mpm", "tia", "itc")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+RERANK_STAGE_OPTIONS = ("rerank_minutes", "rerank_epochs", "rerank_queries", "rerank_negatives")
 
 
 @dataclass
@@ -90,7 +91,7 @@ class TrainConfig:
     warmup: float = 0.06  # share of the run
     clip: float = 1.0
     epochs: int = 5
-    max_minutes: float = 13.5  # a cap on the training loop's wall-clock time, validation included
+    max_minutes: float = 13.5  # a cap on training's wall-clock time: the loop (validation included) and the rerank stage
     patience: int = 2  # epochs without a better validation score before stopping
     mlm_prob: float = 0.15
     mpm_prob: float = 0.10
@@ -105,7 +106,7 @@ class TrainConfig:
     calibration_products: int = 0
     rerank_k: int = 20  # the rerank depth the weight is fitted for (the service's default)
     # The rerank stage (model/rerank_stage.py): the last `rerank_minutes` of `max_minutes` train the
-    # cross-encoder alone against each training caption's two-tower top `rerank_k`; 0 = no stage.
+    # cross-encoder alone, training captions against their two-tower top `rerank_k`; 0 = no stage.
     rerank_minutes: float = 3.0
     rerank_epochs: int = 3  # a cap in passes over the training captions (tiny catalogs reach it first)
     rerank_queries: int = 6  # captions per step
@@ -148,8 +149,8 @@ class TrainConfig:
             raise ValueError("dropout must be in [0, 1)")
         if self.max_minutes <= 0 or self.epochs < 1:
             raise ValueError("max_minutes must be positive and epochs at least 1")
-        if not 0 <= self.rerank_minutes < self.max_minutes:
-            raise ValueError("rerank_minutes must be at least 0 and less than max_minutes")
+        if self.rerank_minutes < 0 or (self.rerank_stage and self.rerank_minutes >= self.max_minutes):
+            raise ValueError("rerank_minutes (--rerank-minutes) must be at least 0 and less than max_minutes")
         if min(self.rerank_epochs, self.rerank_queries, self.rerank_negatives) < 1:
             raise ValueError("need rerank_epochs, rerank_queries and rerank_negatives >= 1")
 
@@ -617,8 +618,12 @@ def train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features_
     state = TrainState()
     if resume:
         ckpt = torch.load(run / "checkpoint" / "trainer.pt", map_location="cpu", weights_only=False)
-        # Options added since the run started count with their defaults (which it trained with).
-        if {**asdict(TrainConfig()), **ckpt["config"]} != asdict(cfg):
+        # Options added since the run started count with today's defaults: a run from before a
+        # default changed (cross_texts 12 -> 4 with the rerank stage) resumes only with its own
+        # settings in --config. Once the loop is done, the rerank stage's options may change.
+        ignore = set(RERANK_STAGE_OPTIONS) if ckpt["state"].get("stopped") else set()
+        saved = {k: v for k, v in {**asdict(TrainConfig()), **ckpt["config"]}.items() if k not in ignore}
+        if saved != {k: v for k, v in asdict(cfg).items() if k not in ignore}:
             raise ValueError(f"{run} holds a run with other settings: pass --overwrite to start again")
         done = ckpt["state"].get("stopped") or ckpt["state"]["epoch"] >= cfg.epochs
         if done and (run / "summary.json").is_file():
@@ -738,7 +743,8 @@ def train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features_
             log.info("After the rerank stage: validation reranked R@1 %.3f (before: %.3f; two-tower %.3f).",
                      stage["validation_after"]["rerank_r1"], meta["validation"]["rerank_r1"],
                      stage["validation_after"]["two_tower_r1"])
-            _save_best(run, best, cfg, bert_dir, meta["validation"], extra={"rerank_stage": stage})
+            # "validation" describes the weights saved beside it: the stage's.
+            _save_best(run, best, cfg, bert_dir, stage["validation_after"], extra={"rerank_stage": stage})
 
     # None: not fitted here (`fashionbert calibrate` may fit it later, into model/config.json).
     rerank = None

@@ -218,11 +218,14 @@ def test_rerank_candidates_are_each_captions_nearest_other_products():
     from fashionbert.model.rerank_stage import rerank_candidates
 
     product = np.array([0, 0, 1, 2, 3])  # rows 0 and 1: two poses of one product
-    sim = np.array([[0.9, 0.8, 0.1, 0.7, 0.3]] * 5)
-    top = rerank_candidates(sim, product, 3)
+    text = torch.tensor([[0.9, 0.8, 0.1, 0.7, 0.3]] * 5)
+    images = torch.eye(5)  # caption i's similarity to image j is text[i, j]
+    top = rerank_candidates(text, images, product, 3, block=2)  # blocks of 2 captions: the same answer
     assert top[0].tolist() == [3, 4, 2]  # by similarity, never a pose of the caption's own product
     assert top[3].tolist() == [0, 1, 4]
-    assert rerank_candidates(sim, product, 10).shape == (5, 3)  # capped by what a caption can have
+    assert (top == rerank_candidates(text, images, product, 3)).all()
+    assert rerank_candidates(text, images, product, 10).shape == (5, 3)  # capped by what a caption can have
+    assert rerank_candidates(text, images, np.zeros(5, dtype=int), 3).shape == (5, 0)  # one product: none
 
 
 def _fused_listwise(model, data, lists) -> float:
@@ -249,7 +252,8 @@ def test_rerank_stage_trains_the_cross_encoder_and_leaves_the_towers_alone(demo_
     model.separate_fusion_layers()
     with torch.no_grad():
         before = PairScorer(model, demo_data)
-    lists = np.concatenate([np.arange(len(demo_data))[:, None], rerank_candidates(before.similarity(), demo_data.product, 5)], 1)
+    pool = rerank_candidates(before.text_emb, before.image_emb, demo_data.product, 5)
+    lists = np.concatenate([np.arange(len(demo_data))[:, None], pool], 1)
     loss_before = _fused_listwise(model, demo_data, lists)
     cfg = TrainConfig(rerank_epochs=6, rerank_queries=8, rerank_negatives=5, rerank_k=5, lr_backbone=1e-3)
     out = train_rerank_stage(model, demo_data, cfg, contextlib.nullcontext, 300, progress=False)

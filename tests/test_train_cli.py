@@ -42,6 +42,34 @@ def trained_run(demo_catalog, tmp_path_factory):
     return run, config, resumed.stderr, killed
 
 
+def test_training_ends_with_the_rerank_stage_and_a_rerun_does_not_repeat_it(trained_run, demo_catalog, tmp_path):
+    run, config, _, _ = trained_run
+    summary = json.loads((run / "summary.json").read_text())
+    stage = summary["rerank_stage"]
+    assert stage["steps"] > 0 and stage["pairs"] == stage["steps"] * 6 * 12  # 6 captions, 1 + 11 images each
+    meta = json.loads((run / "model" / "config.json").read_text())
+    assert meta["rerank_stage"]["steps"] == stage["steps"] and meta["validation"] == stage["validation_after"]
+
+    def rerun(directory, *extra, stage_saved=True):
+        shutil.copytree(run, directory)
+        (directory / "summary.json").unlink()  # as if it had crashed before the end
+        if not stage_saved:  # ... and before the stage's model was saved
+            saved = json.loads((directory / "model" / "config.json").read_text())
+            saved.pop("rerank_stage")
+            (directory / "model" / "config.json").write_text(json.dumps(saved))
+        args = cli("train", "--catalog", demo_catalog, "--out", directory, "--config", config,
+                   "--features", run.parent / "grid.h5", *extra)
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        return (directory / "model" / "model.safetensors").read_bytes(), proc.stderr
+
+    weights, stderr = rerun(tmp_path / "after")  # the stage is not trained twice
+    assert weights == (run / "model" / "model.safetensors").read_bytes() and "Rerank stage" not in stderr
+    # The stage runs; and once the loop is done, the stage's options may change.
+    weights, stderr = rerun(tmp_path / "before", "--rerank-minutes", "2", stage_saved=False)
+    assert "Rerank stage" in stderr and weights != (run / "model" / "model.safetensors").read_bytes()
+
+
 def test_train_resumes_after_a_kill_and_finishes(trained_run):
     run, _, stderr, killed = trained_run
     assert killed, "training finished before it could be interrupted"
