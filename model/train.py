@@ -621,12 +621,12 @@ def train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features_
         # Options added since the run started count with today's defaults: a run from before a
         # default changed (cross_texts 12 -> 4 with the rerank stage) resumes only with its own
         # settings in --config. Once the loop is done, the rerank stage's options may change.
-        ignore = set(RERANK_STAGE_OPTIONS) if ckpt["state"].get("stopped") else set()
+        loop_done = bool(ckpt["state"].get("stopped")) or ckpt["state"]["epoch"] >= ckpt["config"].get("epochs", cfg.epochs)
+        ignore = set(RERANK_STAGE_OPTIONS) if loop_done else set()
         saved = {k: v for k, v in {**asdict(TrainConfig()), **ckpt["config"]}.items() if k not in ignore}
         if saved != {k: v for k, v in asdict(cfg).items() if k not in ignore}:
             raise ValueError(f"{run} holds a run with other settings: pass --overwrite to start again")
-        done = ckpt["state"].get("stopped") or ckpt["state"]["epoch"] >= cfg.epochs
-        if done and (run / "summary.json").is_file():
+        if loop_done and (run / "summary.json").is_file():
             log.info("%s is already trained; pass --overwrite to train again.", run)
             return json.loads((run / "summary.json").read_text())
         resumed_model, _ = load_model(run / "checkpoint")
