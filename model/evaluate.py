@@ -84,7 +84,7 @@ def paper_protocol(score, data: SplitData, cfg: EvalConfig, progress: bool = Tru
     draws = {"t2i": [], "i2t": []}
     total = cfg.draws * 2 * min(cfg.queries, len(products))
     bar = tqdm(total=total, desc="Paper protocol", unit="query", disable=not progress, mininterval=1.0)
-    view = _product_view(data, products)
+    view = data.subset(products)
     for draw in range(cfg.draws):
         rng = np.random.default_rng([cfg.seed, draw])
         queries = rng.choice(len(products), min(cfg.queries, len(products)), replace=False)
@@ -111,14 +111,9 @@ def paper_protocol(score, data: SplitData, cfg: EvalConfig, progress: bool = Tru
     return out
 
 
-def _product_view(data: SplitData, rows: np.ndarray) -> SplitData:
-    """The split restricted to one row per product (for negative sampling by index into `rows`)."""
-    return data.subset(rows)
-
-
 def matching(score, data: SplitData, cfg: EvalConfig) -> dict:
     products = one_row_per_product(data)
-    view = _product_view(data, products)
+    view = data.subset(products)
     rng = np.random.default_rng([cfg.seed, 99])
     negs = np.array([negatives_by_subcategory(view, i, 1, rng)[0] for i in range(len(products))])
     pos = score(products, products)

@@ -51,8 +51,11 @@ def rerank_candidates(text_emb: torch.Tensor, image_emb: torch.Tensor, product: 
     return out
 
 
-def rerank_stage_losses(logits: torch.Tensor, tower: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits, tower (B, 1 + k), the true image first -> (listwise, binary) losses."""
+def tia_losses(logits: torch.Tensor, tower: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIA's two terms, shared by the multitask step and the rerank stage. logits (B, 1 + k), the
+    true image first; `tower` the fixed two-tower logits added for the listwise ranking -> the
+    listwise softmax over each row, and the binary cross-entropy with positives and negatives
+    counting equally."""
     target = torch.zeros(len(logits), dtype=torch.long)
     listwise = F.cross_entropy(logits + tower, target)
     labels = torch.zeros_like(logits)
@@ -106,12 +109,11 @@ def train_rerank_stage(model: FashionBert, data: SplitData, cfg, autocast, budge
     frozen = [p for p in model.parameters() if id(p) not in trainable and p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    fusion = list(model.fusion.parameters())
-    groups = [{"params": fusion, "base_lr": cfg.lr_backbone},
-              {"params": [p for p in params if all(p is not f for f in fusion)], "base_lr": cfg.lr_new}]
+    groups = [{"params": list(model.fusion.parameters()), "base_lr": cfg.lr_backbone},
+              {"params": list(model.tia.parameters()), "base_lr": cfg.lr_new}]
     optimizer = torch.optim.AdamW([{**g, "lr": g["base_lr"]} for g in groups], weight_decay=cfg.weight_decay)
     model.train()
-    step, hits, recent = 0, [], []
+    step, hits = 0, []
     bar = tqdm(total=total, desc="Rerank stage", disable=not progress, unit="step", mininterval=1.0)
     stopped = f"{cfg.rerank_epochs} passes done"
     train_started, train_budget = time.perf_counter(), max(budget_s - encoded, 1e-6)
@@ -138,18 +140,16 @@ def train_rerank_stage(model: FashionBert, data: SplitData, cfg, autocast, budge
             logits = logits.float().view(len(queries), 1 + k)
             cand = torch.from_numpy(candidates)
             tower = tower_scale * (text_emb[torch.from_numpy(queries)][:, None] * image_emb[cand]).sum(-1)
-            listwise, binary = rerank_stage_losses(logits, tower)
+            listwise, binary = tia_losses(logits, tower)
             optimizer.zero_grad(set_to_none=True)
             (listwise + binary).backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             optimizer.step()
             step += 1
-            first = (logits + tower).argmax(1).eq(0).float().mean().item()
-            recent.append(first)
-            hits.append(first)
+            hits.append((logits + tower).argmax(1).eq(0).float().mean().item())
             if step % 10 == 0:
                 bar.set_postfix_str(f"listwise={listwise.item():.3f} binary={binary.item():.3f} "
-                                    f"true-first={np.mean(recent[-50:]):.2f}")
+                                    f"true-first={np.mean(hits[-50:]):.2f}")
             bar.update(1)
     finally:
         bar.close()

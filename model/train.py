@@ -39,7 +39,7 @@ from .data import SplitData, default_features_path, ensure_features, load_split
 from .feature_store import FeatureStore
 from .features import resolve_precision
 from .fashionbert import FashionBert, from_pretrained_bert, load_model, save_model
-from .rerank_stage import train_rerank_stage
+from .rerank_stage import tia_losses, train_rerank_stage
 from .rerank_weight import fit_cross_weight, reciprocal_ranks
 from .tokenizer import CaptionTokenizer
 
@@ -264,12 +264,11 @@ def step_losses(model: FashionBert, data: SplitData, rows: np.ndarray, cfg: Trai
         text_rows = np.concatenate([np.arange(c), np.repeat(np.arange(c), k)])
         logits = model.match_logits_from(tia_text[text_rows], mask[text_rows],
                                          torch.cat([tia_image[:c], neg_states.flatten(0, 1)]))
-        labels = torch.cat([torch.ones(c), torch.zeros(c * k)])
-        per_pair = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-        binary = (per_pair[:c].mean() + per_pair[c:].mean()) / 2  # positives and negatives count equally
-        # Listwise: each text's true image against its k negatives, a softmax over k + 1 logits. It
-        # says "this one rather than those", a stronger signal per pair than k + 1 yes/no answers.
+        # Binary (positives and negatives counting equally), and listwise: each text's true image
+        # against its k negatives, a softmax over k + 1 logits. It says "this one rather than
+        # those", a stronger signal per pair than k + 1 yes/no answers.
         ranked = torch.cat([logits[:c, None], logits[c:].view(c, k)], 1)  # (c, 1 + k), the true image first
+        tower = 0.0
         if cfg.fused_listwise:
             with torch.no_grad():
                 scale = model.itc.scale()
@@ -277,8 +276,8 @@ def step_losses(model: FashionBert, data: SplitData, rows: np.ndarray, cfg: Trai
                 if m:
                     candidates = torch.cat([candidates, model.image_embedding_from(extra).view(c, m, -1)], 1)
                 tower = scale * (t[:c, None] * candidates).sum(-1)
-            ranked = ranked + tower.float()
-        listwise = F.cross_entropy(ranked, torch.zeros(c, dtype=torch.long))
+            tower = tower.float()
+        listwise, binary = tia_losses(ranked.float(), tower)
         losses["tia"] = binary + listwise
 
     # MLM and MPM: a separate joint pass over masked copies of the true pairs. TIA never sees a

@@ -230,14 +230,14 @@ def test_rerank_candidates_are_each_captions_nearest_other_products():
 
 def _fused_listwise(model, data, lists) -> float:
     """Mean listwise loss of the service's score over fixed lists (true image first)."""
-    from fashionbert.model.rerank_stage import rerank_stage_losses
+    from fashionbert.model.rerank_stage import tia_losses
     from fashionbert.model.train import PairScorer
 
     with torch.no_grad():
         scorer = PairScorer(model, data)
         logits = torch.from_numpy(scorer.logits(np.repeat(np.arange(len(data)), lists.shape[1]), lists.reshape(-1)))
         tower = float(model.itc.scale()) * np.take_along_axis(scorer.similarity(), lists, 1)
-        return float(rerank_stage_losses(logits.view(lists.shape).float(), torch.from_numpy(tower).float())[0])
+        return float(tia_losses(logits.view(lists.shape).float(), torch.from_numpy(tower).float())[0])
 
 
 def test_rerank_stage_trains_the_cross_encoder_and_leaves_the_towers_alone(demo_data):
