@@ -116,6 +116,10 @@ class TrainConfig:
     precision: str = "auto"
     device: str = "cpu"
     seed: int = 0
+    # PyTorch's deterministic kernels: with the same seed, threads and machine, a rerun trains the
+    # same weights (multithreaded CPU kernels otherwise sum in a varying order, and training turns
+    # those 1e-4 differences into another model within a few epochs).
+    deterministic: bool = True
     max_train_products: int | None = None
 
     @classmethod
@@ -575,6 +579,19 @@ def plot_weights(log_path: Path, out: Path) -> None:
 def train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features_path: str | Path | None = None,
           overwrite: bool = False, progress: bool = True) -> dict:
     cfg.validate()
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if cfg.deterministic and cfg.device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for reproducible sums
+    # warn_only: an op without a deterministic kernel (some on CUDA) warns instead of stopping the run.
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    try:
+        return _train(catalog_path, run, cfg, features_path, overwrite, progress)
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def _train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features_path: str | Path | None,
+           overwrite: bool, progress: bool) -> dict:
     run = Path(run)
     if overwrite and run.exists():
         shutil.rmtree(run)

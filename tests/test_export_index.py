@@ -320,7 +320,7 @@ def test_a_crash_between_commit_and_vector_write_heals_on_open(model, demo_catal
     assert healed.faiss.ntotal == len(healed) and (tmp_path / "idx" / "vectors.2.faiss").is_file()
 
 
-def test_killing_a_build_leaves_the_previous_index_intact(model_dir, demo_catalog, tmp_path):
+def test_killing_a_build_leaves_the_previous_index_intact(model_dir, demo_catalog, tmp_path, items):
     index_dir = tmp_path / "index"
     assert cli("index", "build", "--model", model_dir, "--catalog", demo_catalog, "--out", index_dir,
                "--split", "train").returncode == 0
@@ -346,7 +346,7 @@ def test_killing_a_build_leaves_the_previous_index_intact(model_dir, demo_catalo
     assert cli("index", "build", "--model", model_dir, "--catalog", demo_catalog, "--out", index_dir,
                "--overwrite").returncode == 0
     assert not list(tmp_path.glob(".index.tmp-*"))
-    assert CatalogIndex(index_dir).info()["items"] == 120
+    assert CatalogIndex(index_dir).info()["items"] == len(items)
 
 
 def test_cli_add_delete_info_search(model_dir, demo_catalog, tmp_path, items):

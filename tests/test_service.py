@@ -140,17 +140,18 @@ def validation_ranks(client, items) -> dict[bool, np.ndarray]:
 
 
 def test_validation_captions_find_their_products_in_the_top_10(validation_ranks):
-    """Captions the model never trained on find their product among 120 (chance of a top 10: 8 %)."""
+    """Captions the model never trained on find their product among 150 (chance of a top 10: 7 %)."""
     for rerank, ranks in validation_ranks.items():
         assert len(ranks) >= 20 and np.mean(ranks <= 10) >= 0.5, (rerank, ranks)
 
 
 def test_rerank_moves_validation_captions_up_on_average(validation_ranks):
     """The cross-encoder earns its cost: over captions it never trained on, the rerank lifts their
-    products more than twice as often as it drops them, and the mean rank falls."""
+    products more often than it drops them, and their mean rank falls (a rerank that ignored the
+    cross-encoder would move none; a random or inverted one would drop most of them)."""
     recall, reranked = validation_ranks[False], validation_ranks[True]
     up, down = int((reranked < recall).sum()), int((reranked > recall).sum())
-    assert up > 2 * down and reranked.mean() < recall.mean(), (recall.tolist(), reranked.tolist())
+    assert len(recall) >= 50 and up > down and reranked.mean() < recall.mean(), (recall.tolist(), reranked.tolist())
 
 
 def test_image_query_is_more_like_this_without_rerank(client, items):

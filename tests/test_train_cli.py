@@ -155,3 +155,17 @@ def test_calibrate_fits_the_rerank_weight_on_unseen_products_only(trained_run, d
     assert rerank["cross_weight"] in GRID and rerank["fitted_on"] == 24 and rerank["K"] == 5
     assert f"rerank weight on the cross-encoder logit {rerank['cross_weight']:g}" in proc.stdout
     assert (run / "calibration-grid.h5").is_file()  # its own features, apart from the training catalog's
+
+
+def test_the_same_seed_trains_the_same_weights(trained_run, demo_catalog, tmp_path):
+    """A rerun with the same settings on the same machine reproduces the model bit for bit (PyTorch's
+    multithreaded CPU kernels would otherwise sum in a varying order, and training amplifies that)."""
+    from fashionbert.model.train import TrainConfig, train
+
+    run, *_ = trained_run
+    cfg = TrainConfig.from_dict(dict(TINY_RUN, epochs=1, rerank_epochs=1))
+    weights = []
+    for name in ("first", "second"):
+        train(demo_catalog, tmp_path / name, cfg, features_path=run.parent / "grid.h5", progress=False)
+        weights.append((tmp_path / name / "model" / "model.safetensors").read_bytes())
+    assert weights[0] == weights[1]
