@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..atomic import replace_dir
 from ..catalog.readers import open_catalog
 from .adaptive_loss import AdaptiveLossWeights
 from .data import SplitData, default_features_path, ensure_features, load_split
@@ -530,11 +531,7 @@ def _save_checkpoint(run: Path, model, optimizer, state: TrainState, weighting, 
     save_model(model, tmp)
     torch.save({"optimizer": optimizer.state_dict(), "state": asdict(state), "weights": weighting.weights,
                 "config": asdict(cfg), "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
-    final, old = run / "checkpoint", run / "checkpoint.old"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)  # the rename is the commit point: a crash before it keeps the previous checkpoint
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, run / "checkpoint")  # the commit point: a crash before it keeps the previous checkpoint
 
 
 def _save_best(run: Path, model, cfg: TrainConfig, bert_dir: Path, metrics: dict, extra: dict | None = None) -> None:
@@ -544,11 +541,9 @@ def _save_best(run: Path, model, cfg: TrainConfig, bert_dir: Path, metrics: dict
     for name in TOKENIZER_FILES:
         if (bert_dir / name).is_file():
             shutil.copy(bert_dir / name, tmp / name)
-    old = run / "model.old"
-    if (run / "model").exists():
-        (run / "model").rename(old)
-    tmp.rename(run / "model")
-    shutil.rmtree(old, ignore_errors=True)
+    # One step (no moment without model/): a resume after a crash here still finds the best model and
+    # so still runs the rerank stage on it.
+    replace_dir(tmp, run / "model")
 
 
 def plot_weights(log_path: Path, out: Path) -> None:
