@@ -22,7 +22,7 @@ def main() -> None:
         summary = json.loads((run / "summary.json").read_text())
         result = json.loads((run / "eval" / "validation.json").read_text())
         cfg, p, m, g = summary["config"], result["paper_protocol"], result["matching"], result["full_gallery"]
-        weight = json.loads((run / "model" / "config.json").read_text()).get("rerank", {}).get("cross_weight")
+        weight = (json.loads((run / "model" / "config.json").read_text()).get("rerank") or {}).get("cross_weight")
         stage = (summary.get("rerank_stage") or {}).get("steps", 0)
         r = lambda d: "/".join(f"{p[d][k]['mean']:.1f}" for k in ("R@1", "R@5", "R@10"))  # noqa: E731
         print(f"| {run.name} | {cfg['feature_mode']} | {cfg['layers'] or 6} | {'+'.join(cfg['tasks'])} | "

@@ -42,7 +42,6 @@ PARTS = ("forward", "adaptive", "backward", "optimiser")
 class Runner:
     def __init__(self, name: str, overrides: dict, data: SplitData, tok: CaptionTokenizer, precision: str):
         self.name, self.cfg = name, TrainConfig(**overrides)
-        self.deterministic = self.cfg.deterministic
         self.data, self.tok = data, tok
         torch.manual_seed(0)
         model, _ = from_pretrained_bert(None, num_patches=data.feats.shape[1], patch_dim=data.feats.shape[2],
@@ -57,7 +56,7 @@ class Runner:
         self.times: dict[str, list[float]] = {p: [] for p in PARTS}
 
     def step(self, i: int, record: bool) -> None:
-        torch.use_deterministic_algorithms(self.deterministic, warn_only=True)
+        torch.use_deterministic_algorithms(self.cfg.deterministic, warn_only=True)
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             losses = step_losses(self.model, self.data, self.batches[i], self.cfg, self.tok, np.random.default_rng(i))
