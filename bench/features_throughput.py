@@ -3,7 +3,8 @@
     .venv/bin/python bench/features_throughput.py [--images 96] [--batch-size 32]
 
 Prints a markdown table for BENCHMARKS.md. Each row is measured after one warm-up batch; the
-modes and precisions run in one process, one after another, so their ratios are comparable.
+modes, engines (PyTorch eager, ONNX Runtime) and precisions run in one process, one after another,
+so their ratios are comparable.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from fashionbert.catalog.demo import _png
 from fashionbert.catalog.demo_render import render
 from fashionbert.catalog.demo_spec import make_spec
-from fashionbert.model.features import FeatureConfig, PatchFeatureExtractor, cpu_supports_bf16
+from fashionbert.model.features import FeatureConfig, OnnxPatchFeatureExtractor, PatchFeatureExtractor, cpu_supports_bf16
 
 
 def generator_rate(n: int) -> float:
@@ -29,8 +30,9 @@ def generator_rate(n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def feature_rate(mode: str, precision: str, images: np.ndarray, batch: int) -> float:
-    extractor = PatchFeatureExtractor(FeatureConfig(mode))
+def feature_rate(mode: str, engine: str, precision: str, images: np.ndarray, batch: int) -> float:
+    config = FeatureConfig(mode)
+    extractor = OnnxPatchFeatureExtractor(config) if engine == "onnxruntime" else PatchFeatureExtractor(config)
     extractor.extract(images[:batch], precision=precision)  # warm-up
     start = time.perf_counter()
     for i in range(0, len(images), batch):
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--generator-products", type=int, default=1000)
+    parser.add_argument("--modes", default="grid,crop,global")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -51,12 +54,13 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"native bf16: {cpu_supports_bf16()}")
     print(f"\ndemo generator (render + PNG encode, one core): {generator_rate(args.generator_products):.0f} products/s\n")
-    print(f"| mode | precision | images/s | patches |")
-    print(f"| --- | --- | ---: | ---: |")
-    for mode in ("grid", "crop", "global"):
-        for precision in precisions:
-            rate = feature_rate(mode, precision, images, args.batch_size)
-            print(f"| {mode} | {precision} | {rate:.1f} | {FeatureConfig(mode).patches} |", flush=True)
+    contenders = [("torch", p) for p in precisions] + [("onnxruntime", "fp32")]
+    print("| mode | engine | precision | images/s | patches |")
+    print("| --- | --- | --- | ---: | ---: |")
+    for mode in args.modes.split(","):
+        for engine, precision in contenders:
+            rate = feature_rate(mode, engine, precision, images, args.batch_size)
+            print(f"| {mode} | {engine} | {precision} | {rate:.1f} | {FeatureConfig(mode).patches} |", flush=True)
 
 
 if __name__ == "__main__":

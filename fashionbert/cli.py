@@ -92,8 +92,8 @@ def cmd_train(args) -> int:
     options = json.loads(open(args.config).read()) if args.config else {}
     if not isinstance(options, dict):
         raise ValueError(f"{args.config}: expected a JSON object of training options")
-    for key in ("feature_mode", "layers", "fusion_layers", "loss_weighting", "max_minutes", "rerank_minutes", "epochs", "batch_size", "seed", "device",
-                "backbone", "max_train_products", "precision"):
+    for key in ("feature_mode", "layers", "fusion_layers", "loss_weighting", "epochs", "rerank_steps", "max_minutes",
+                "rerank_max_minutes", "batch_size", "seed", "device", "backbone", "max_train_products", "precision"):
         value = getattr(args, key)
         if value is not None:
             options[key] = value
@@ -160,7 +160,14 @@ def cmd_index_build(args) -> int:
                       ef_search=args.ef_search, patch_dtype=args.patch_dtype, batch_size=args.batch_size)
     cfg.validate()
     catalog = _open(args)
-    build(_model(args), catalog, args.out, cfg, split=args.split, overwrite=args.overwrite, progress=not args.quiet)
+    model = _model(args)
+    features = args.features
+    if features is None and model.feature_identity.get("mode"):
+        from .model.feature_store import default_features_path
+
+        features = default_features_path(args.catalog, model.feature_identity["mode"])  # where training put them
+    build(model, catalog, args.out, cfg, split=args.split, overwrite=args.overwrite, progress=not args.quiet,
+          features=features)
     _report_problems(catalog)
     return 0
 
@@ -286,11 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how many final layers attend across text and patches (= layers: the paper's full model)")
     tr.add_argument("--loss-weighting", dest="loss_weighting", choices=["adaptive", "released-code", "fixed"])
     tr.add_argument("--no-mpm", action="store_true", help="train without masked patch modelling (ablation)")
+    tr.add_argument("--epochs", type=int, help="passes of the multitask loop over the training products (default 4)")
+    tr.add_argument("--rerank-steps", dest="rerank_steps", type=int,
+                    help="steps of the final rerank stage (default 400; 0 = none)")
     tr.add_argument("--max-minutes", dest="max_minutes", type=float,
-                    help="wall-clock budget of training, the rerank stage included (default 13.5)")
-    tr.add_argument("--rerank-minutes", dest="rerank_minutes", type=float,
-                    help="of those, the minutes of the final rerank stage (default 3; 0 = none)")
-    tr.add_argument("--epochs", type=int)
+                    help="cut the multitask loop after this many wall-clock minutes (default: no cap; a cut run "
+                         "is weaker and depends on the machine's speed)")
+    tr.add_argument("--rerank-max-minutes", dest="rerank_max_minutes", type=float,
+                    help="cut the rerank stage after this many wall-clock minutes (default: no cap)")
     tr.add_argument("--batch-size", dest="batch_size", type=int)
     tr.add_argument("--max-train-products", dest="max_train_products", type=int)
     tr.add_argument("--backbone", help="a local Hugging Face BERT directory (default: the MiniLM package)")
@@ -333,10 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--catalog", help="real items for the parity check and the variant choice (default: the run's catalog)")
     ex.add_argument("--split", default="validation", choices=["train", "validation", "all"])
     ex.add_argument("--variant", default="auto", help="auto (measure and choose), fp32, optimized, int8, optimized-int8 or mixed-int8")
-    ex.add_argument("--select-queries", dest="select_queries", type=int, default=400,
-                    help="paper-protocol queries per direction for the variant choice")
+    ex.add_argument("--select-queries", dest="select_queries", type=int, default=200,
+                    help="validation captions whose two-tower top 20 each variant reranks for the choice")
     ex.add_argument("--max-r1-loss", dest="max_r1_loss", type=float, default=1.0,
-                    help="the most R@1 points a faster variant may lose to become the default")
+                    help="the most served R@1 points a faster variant may lose against fp32 to become the default")
     ex.add_argument("--threads", type=int)
     ex.add_argument("--overwrite", action="store_true")
     ex.set_defaults(func=cmd_export)
@@ -367,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ef-search", dest="ef_search", type=int, default=128)
     b.add_argument("--patch-dtype", dest="patch_dtype", default="float16", choices=["float16", "int8"])
     b.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    b.add_argument("--features", help="the catalog's patch-feature cache: unchanged images skip the CNN "
+                                      "(default: features/<mode>.h5 beside the catalog directory, if it is there)")
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=cmd_index_build)
 

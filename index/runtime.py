@@ -4,6 +4,7 @@ A MODEL_DIR written by `fashionbert export` holds
 
 - text_tower.onnx      token ids, mask -> embedding (B, E) and text states (B, T, H)
 - image_tower.onnx     uint8 RGB pixels (B, 256, 256, 3) -> embedding (B, E) and patch states (B, P, H)
+- image_head.onnx      the same above the CNN: cached patch features (B, P, D) -> embedding, patch states
 - cross_encoder.*.onnx text states, mask, patch states -> match logit (B,), one file per variant
 - tokenizer.json, manifest.json
 
@@ -89,6 +90,14 @@ class ExportedModel:
             self.cross = ort.InferenceSession(str(self.dir / files["cross-encoder"]), opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelError(f"{self.dir}: a graph failed to load ({exc})") from None
+        # Exports before the image head have none: their index builds run the whole image tower.
+        self.image_head = None
+        if m.get("image_head") and (self.dir / m["image_head"]).is_file():
+            try:
+                self.image_head = ort.InferenceSession(str(self.dir / m["image_head"]), opts, providers=providers)
+            except Exception as exc:
+                raise ModelError(f"{self.dir}: a graph failed to load ({exc})") from None
+        self.feature_identity: dict = m.get("features") or {}
         self.tokenizer = CaptionTokenizer(self.dir / "tokenizer.json", m["max_text_len"])
         self.model_hash: str = m["model_hash"]
         self.embed_dim: int = m["embed_dim"]
@@ -108,6 +117,13 @@ class ExportedModel:
         if pixels.ndim != 4 or pixels.shape[1:] != (MODEL_IMAGE_SIZE, MODEL_IMAGE_SIZE, 3):
             raise ValueError(f"expected (B, {MODEL_IMAGE_SIZE}, {MODEL_IMAGE_SIZE}, 3) images, got {pixels.shape}")
         emb, patches = self.image.run(None, {"pixels": pixels})
+        return emb, patches
+
+    def encode_features(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cached patch features (B, P, D) -> embeddings (B, E) and patch states (B, P, H), without the CNN."""
+        if self.image_head is None:
+            raise ModelError(f"{self.dir}: this export has no image head; export again to index from cached features")
+        emb, patches = self.image_head.run(None, {"features": np.ascontiguousarray(features, dtype=np.float32)})
         return emb, patches
 
     # Cross-encoder -----------------------------------------------------------------------------

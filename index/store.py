@@ -38,8 +38,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..catalog.images import image_hash
 from ..catalog.items import CatalogItem
 from ..atomic import replace_dir
+from ..model.feature_store import FeatureCacheError, FeatureStore
 
 log = logging.getLogger(__name__)
 FORMAT = "fashionbert-index/1"
@@ -516,6 +518,68 @@ def encode_items(model, items: list[CatalogItem], batch_size: int, progress: boo
 # Build -------------------------------------------------------------------------------------------
 
 
+class CachedFeatures:
+    """Patch features training already computed for this catalog (model/feature_store.py), when
+    they were made exactly as the export's image tower makes them: an item whose image is
+    unchanged then costs the image head only, not the CNN again."""
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+
+    @classmethod
+    def open(cls, path: str | Path | None, model) -> "CachedFeatures | None":
+        if path is None or not Path(path).is_file():
+            return None
+        if getattr(model, "image_head", None) is None:
+            log.info("The model has no image head (an older export): every image goes through the CNN.")
+            return None
+        try:
+            store = FeatureStore(path)
+        except FeatureCacheError as exc:
+            log.warning("Not reusing cached features: %s", exc)
+            return None
+        want = model.feature_identity
+        theirs = {k: store.attrs.get(k) for k in want}
+        if not want or theirs != want:
+            diff = ", ".join(f"{k} {theirs.get(k)} there, {v} here" for k, v in want.items() if theirs.get(k) != v)
+            log.info("Not reusing the features in %s: made differently from this model's image tower (%s).", path,
+                     diff or "the export does not say how its features are made")
+            store.close()
+            return None
+        return cls(store)
+
+    def rows(self, batch: list[CatalogItem]) -> list[int | None]:
+        """Each item's row in the cache, or None where the cache has no features of this very image."""
+        out = []
+        for it in batch:
+            row = self.store.row.get(it.id)
+            out.append(row if row is not None and self.store.hashes[row] == image_hash(it.image) else None)
+        return out
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def encode_batch(model, batch: list[CatalogItem], cached: CachedFeatures | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Embeddings (B, E) and patch states (B, P, H) of a batch; the third value counts the items
+    that came from cached features."""
+    rows = cached.rows(batch) if cached is not None else [None] * len(batch)
+    hit = [i for i, r in enumerate(rows) if r is not None]
+    if len(hit) == len(batch):
+        emb, states = model.encode_features(cached.store.get([batch[i].id for i in hit]).astype(np.float32))
+        return emb, states, len(hit)
+    if not hit:
+        emb, states = model.encode_images(np.stack([it.image for it in batch]))
+        return emb, states, 0
+    miss = [i for i, r in enumerate(rows) if r is None]
+    e_hit, s_hit = model.encode_features(cached.store.get([batch[i].id for i in hit]).astype(np.float32))
+    e_miss, s_miss = model.encode_images(np.stack([batch[i].image for i in miss]))
+    emb = np.empty((len(batch), e_hit.shape[1]), dtype=e_hit.dtype)
+    states = np.empty((len(batch), *s_hit.shape[1:]), dtype=s_hit.dtype)
+    emb[hit], states[hit], emb[miss], states[miss] = e_hit, s_hit, e_miss, s_miss
+    return emb, states, len(hit)
+
+
 def _batched(items: Iterator[CatalogItem], size: int) -> Iterator[list[CatalogItem]]:
     batch = []
     for it in items:
@@ -528,8 +592,9 @@ def _batched(items: Iterator[CatalogItem], size: int) -> Iterator[list[CatalogIt
 
 
 def build(model, catalog, out: str | Path, cfg: IndexConfig = IndexConfig(), split: str = "all",
-          overwrite: bool = False, progress: bool = True) -> dict:
-    """Encode every item of the catalog with the exported image tower and write INDEX_DIR atomically."""
+          overwrite: bool = False, progress: bool = True, features: str | Path | None = None) -> dict:
+    """Encode every item of the catalog with the exported image tower and write INDEX_DIR atomically.
+    `features`: a patch-feature cache of the catalog; unchanged images found there skip the CNN."""
     cfg.validate()
     out = Path(out)
     if out.exists() and not overwrite and any(out.iterdir()):
@@ -551,13 +616,15 @@ def build(model, catalog, out: str | Path, cfg: IndexConfig = IndexConfig(), spl
         db.executescript(SCHEMA)
         db.execute("INSERT INTO meta VALUES ('generation', '1')")
         patches = PatchFile(tmp, model.num_patches, model.hidden_size, cfg.patch_dtype)
-        row, encode_seconds = 1, 0.0
+        row, encode_seconds, reused = 1, 0.0, 0
         all_emb = []
+        cached = CachedFeatures.open(features, model)
         bar = tqdm(total=len(records), desc="Indexing images", unit="img", disable=not progress, mininterval=0.5)
         db.execute("BEGIN")
         for batch in _batched(catalog.items(split), cfg.batch_size):
             t0 = time.perf_counter()
-            emb, states = model.encode_images(np.stack([it.image for it in batch]))
+            emb, states, from_cache = encode_batch(model, batch, cached)
+            reused += from_cache
             encode_seconds += time.perf_counter() - t0
             patches.write(row, states)
             _insert(db, row, batch, emb, cfg.jpeg_quality)
@@ -567,6 +634,8 @@ def build(model, catalog, out: str | Path, cfg: IndexConfig = IndexConfig(), spl
         db.execute("COMMIT")
         bar.close()
         db.close()
+        if cached is not None:
+            cached.close()
         emb = np.concatenate(all_emb).astype(np.float32)
         n = len(emb)
         index = _new_faiss(cfg, model.embed_dim, emb)
@@ -577,6 +646,7 @@ def build(model, catalog, out: str | Path, cfg: IndexConfig = IndexConfig(), spl
                     "hidden_size": model.hidden_size, "num_patches": model.num_patches, "config": asdict(cfg),
                     "items_at_build": n, "split": split, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "seconds": round(time.perf_counter() - start, 1), "encode_images_per_s": round(n / max(encode_seconds, 1e-9), 1),
+                    "from_cached_features": reused,
                     "bytes_per_item": {"patch_states": patches.bytes_per_item,
                                        "total_on_disk": round(sum(sizes.values()) / n)}}
         _write_json(tmp / "manifest.json", manifest)
@@ -584,6 +654,7 @@ def build(model, catalog, out: str | Path, cfg: IndexConfig = IndexConfig(), spl
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("Indexed %d items into %s (%s, %.0f images/s encoding, %d bytes of patch states per item) in %.0f s.",
-             n, out, cfg.kind, manifest["encode_images_per_s"], patches.bytes_per_item, manifest["seconds"])
+    log.info("Indexed %d items into %s (%s, %.0f images/s encoding, %d of them from cached patch features, %d bytes "
+             "of patch states per item) in %.0f s.", n, out, cfg.kind, manifest["encode_images_per_s"], reused,
+             patches.bytes_per_item, manifest["seconds"])
     return manifest

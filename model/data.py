@@ -12,15 +12,10 @@ import torch
 
 from ..catalog.items import CatalogItem
 from ..catalog.readers import Catalog
-from .feature_store import FeatureStore, compute_features
+from .feature_store import FeatureStore, compute_features, default_features_path  # noqa: F401 (re-exported)
 from .tokenizer import CaptionTokenizer
 
 log = logging.getLogger(__name__)
-
-
-def default_features_path(catalog_path: str | Path, mode: str) -> Path:
-    """Features live beside the catalog directory: data/demo -> data/features/grid.h5."""
-    return Path(catalog_path).resolve().parent / "features" / f"{mode}.h5"
 
 
 def ensure_features(catalog: Catalog, path: Path, mode: str, precision: str = "auto", progress: bool = True) -> Path:

@@ -41,6 +41,11 @@ class FeatureCacheError(ValueError):
     pass
 
 
+def default_features_path(catalog_path: str | os.PathLike, mode: str) -> Path:
+    """Features live beside the catalog directory: data/demo -> data/features/grid.h5."""
+    return Path(catalog_path).resolve().parent / "features" / f"{mode}.h5"
+
+
 class FeatureStore:
     """Read side: ids, hashes and float16 features (N, P, D), loaded lazily by id."""
 
@@ -166,12 +171,17 @@ def compute_features(catalog: Catalog, out: str | os.PathLike, extractor=None, *
     """Bring the feature file at `out` up to date with the catalog (the selected split)."""
     import torch
 
-    from .features import FeatureConfig, PatchFeatureExtractor, resolve_precision
+    from .features import FeatureConfig, OnnxPatchFeatureExtractor, PatchFeatureExtractor, feature_engine, resolve_precision
 
     out = Path(out)
     config = FeatureConfig(mode=mode, crop_size=crop_size)
     dev = torch.device(device)
-    identity = {**config.as_attrs(), "precision": resolve_precision(precision, dev)}
+    if extractor is None:
+        engine, resolved = feature_engine(precision, dev)
+    else:
+        engine = getattr(extractor, "engine", "torch")
+        resolved = "fp32" if engine == "onnxruntime" else resolve_precision(precision, dev)
+    identity = {**config.as_attrs(), "precision": resolved}
 
     old = None
     if out.exists() and not overwrite:
@@ -192,7 +202,14 @@ def compute_features(catalog: Catalog, out: str | os.PathLike, extractor=None, *
     # Entries of other splits stay as they are while the catalog still has them.
     order += [i for i in (old.ids if old else []) if i not in chosen and i in keep_ids]
 
-    extractor = extractor or PatchFeatureExtractor(config).to(dev)
+    extractor_ready = extractor is not None
+
+    def make_extractor():
+        nonlocal extractor, extractor_ready
+        if not extractor_ready:  # built on the first image to compute: an up-to-date cache never loads the CNN
+            extractor = OnnxPatchFeatureExtractor(config) if engine == "onnxruntime" else PatchFeatureExtractor(config).to(dev)
+            extractor_ready = True
+        return extractor
     reused = resumed = computed = 0
     cnn_seconds = 0.0
     final_hash: dict[str, str] = {}
@@ -205,8 +222,9 @@ def compute_features(catalog: Catalog, out: str | os.PathLike, extractor=None, *
 
     def run_batch():
         nonlocal computed, cnn_seconds
+        ex = make_extractor()
         start = time.perf_counter()
-        feats = extractor.extract(np.stack(pending_images), precision=identity["precision"], device=dev)
+        feats = ex.extract(np.stack(pending_images), precision=identity["precision"], device=dev)
         cnn_seconds += time.perf_counter() - start
         computed += len(pending_ids)
         part_ids.extend(pending_ids)

@@ -5,8 +5,8 @@ After the multitask training, the towers are fixed and the cross-encoder's own w
 of the fusion layers and the TIA head) are trained on training captions, each against its true
 image and negatives drawn from the K images of other products nearest to it by two-tower
 similarity over the *whole* training set (at most MAX_ROWS rows): the lists the service
-reranks. Captions come in a shuffled order, as many as the time allows (on the demo catalog, 3
-minutes reach about half of the 4,800). The loss is the multitask TIA loss (model/train.py)
+reranks. Captions come in a shuffled order, `rerank_steps` steps of them (on the demo catalog, the
+default 400 steps reach half of the 4,800). The loss is the multitask TIA loss (model/train.py)
 with the fused listwise part always on: a softmax over each list of
 the service's score (cross-encoder logit + the fixed two-tower logit), so the cross-encoder learns
 what the towers get wrong, plus the balanced match / no-match term that keeps /match's
@@ -14,8 +14,8 @@ probability calibrated.
 
 Why a stage of its own: below the fusion layers every caption and image is encoded once, up
 front, so a pair costs only the two fusion layers; a multitask step spends most of its time on
-the towers, MLM and MPM. On the demo catalog three minutes here train the cross-encoder on more
-pairs than the whole multitask run does (README, "Training").
+the towers, MLM and MPM. On the demo catalog the stage trains the cross-encoder on more pairs than
+the whole multitask run does.
 """
 
 from __future__ import annotations
@@ -71,12 +71,14 @@ def cross_encoder_parameters(model: FashionBert) -> list[torch.nn.Parameter]:
     return list(model.fusion.parameters()) + list(model.tia.parameters())
 
 
-def train_rerank_stage(model: FashionBert, data: SplitData, cfg, autocast, budget_s: float,
-                       progress: bool = True) -> dict:
-    """Train `model`'s cross-encoder weights in place for at most `budget_s` seconds (encoding
-    included) or `cfg.rerank_epochs` passes over the captions. `cfg` is a TrainConfig. The lists
-    are always ranked by the fused score (the service's order), whatever `cfg.fused_listwise` says."""
-    from .train import PairScorer, _lr_factor  # train imports this module
+def train_rerank_stage(model: FashionBert, data: SplitData, cfg, autocast, progress: bool = True) -> dict:
+    """Train `model`'s cross-encoder weights in place for `cfg.rerank_steps` steps, at most
+    `cfg.rerank_epochs` passes over the captions (and, if set, `cfg.rerank_max_minutes`, encoding
+    included). `cfg` is a TrainConfig. The lists are always ranked by the fused score (the
+    service's order), whatever `cfg.fused_listwise` says."""
+    from .train import PairScorer, lr_factor  # train imports this module
+
+    budget_s = cfg.rerank_max_minutes * 60 if cfg.rerank_max_minutes else None
 
     params = cross_encoder_parameters(model)  # fails early for a model without its own fusion layers
     started = time.perf_counter()
@@ -95,15 +97,16 @@ def train_rerank_stage(model: FashionBert, data: SplitData, cfg, autocast, budge
     k = min(cfg.rerank_negatives, pool.shape[1])
     per_step = min(cfg.rerank_queries, len(data))
     steps_per_epoch = len(data) // per_step
-    total = cfg.rerank_epochs * steps_per_epoch if k else 0
+    total = min(cfg.rerank_steps, cfg.rerank_epochs * steps_per_epoch) if k else 0
     encoded = time.perf_counter() - started
     if not k:
         log.warning("Rerank stage skipped: no training caption has an image of another product to rank against.")
         return {"steps": 0, "pairs": 0, "minutes": round(encoded / 60, 2), "negatives": 0, "top_k": 0,
                 "stopped": "no negatives", "true_first_first_tenth": None, "true_first_last_tenth": None}
     log.info("Rerank stage: %d captions encoded in %.0f s; training the cross-encoder on them, each against %d of "
-             "the %d images of other products nearest to it by two-tower similarity, %d captions a step, for at most "
-             "%d steps or %.1f minutes.", len(data), encoded, k, pool.shape[1], per_step, total, budget_s / 60)
+             "the %d images of other products nearest to it by two-tower similarity, %d captions a step, %d steps%s.",
+             len(data), encoded, k, pool.shape[1], per_step, total,
+             f" (cut at {budget_s / 60:g} minutes if not done by then)" if budget_s else "")
 
     trainable = {id(p) for p in params}
     frozen = [p for p in model.parameters() if id(p) not in trainable and p.requires_grad]
@@ -115,13 +118,14 @@ def train_rerank_stage(model: FashionBert, data: SplitData, cfg, autocast, budge
     model.train()
     step, hits = 0, []
     bar = tqdm(total=total, desc="Rerank stage", disable=not progress, unit="step", mininterval=1.0)
-    stopped = f"{cfg.rerank_epochs} passes done"
-    train_started, train_budget = time.perf_counter(), max(budget_s - encoded, 1e-6)
+    stopped = f"{total} steps done"
+    train_started = time.perf_counter()
+    train_budget = max(budget_s - encoded, 1e-6) if budget_s else None
     try:
         while step < total:
             elapsed = time.perf_counter() - train_started  # the schedule runs over the training part only
-            if elapsed > train_budget:
-                stopped = f"time budget of {budget_s / 60:.1f} minutes reached"
+            if train_budget and elapsed > train_budget:
+                stopped = f"cut by the wall-clock cap of {budget_s / 60:g} minutes after {step} of {total} steps"
                 break
             epoch, i = divmod(step, steps_per_epoch)
             order = np.random.default_rng([cfg.seed, epoch, 13]).permutation(len(data))
@@ -133,7 +137,7 @@ def train_rerank_stage(model: FashionBert, data: SplitData, cfg, autocast, budge
             mask = data.mask[text_rows]
             width = int(mask.sum(1).max())
             for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * _lr_factor(max(step / total, elapsed / train_budget), cfg.warmup)
+                g["lr"] = g["base_lr"] * lr_factor(step, total, cfg.warmup, elapsed, train_budget)
             with autocast():
                 logits = model.match_logits_from(text_states[text_rows, :width], mask[:, :width],
                                                  image_states[candidates.reshape(-1)])

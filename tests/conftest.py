@@ -27,10 +27,13 @@ FASHIONGEN_SAMPLE = DATA / "fashiongen_256_256_validation.h5"
 # from the start, and the rerank moved the 10 validation captions neither way; and 54 validation
 # products, not 24, because whether the rerank lifts unseen captions more often than it drops them
 # is a count, and on 24 captions two trainings that differed only in float summation order
-# counted 10:2 and 8:4 (on 54, three training seeds: 28:13, 28:4, 24:5).
+# counted 10:2 and 8:4 (on 54, three training seeds: 28:13, 28:4, 24:5). Its budget is epochs and
+# stage passes, never minutes, and it trains in fp32, which every CPU has, so a fast machine and a
+# slow one train the same model and the thresholds hold on both (bench/ci_model.py measures them
+# per seed; 8 epochs and 10 passes were tried and failed them on one seed of two).
 TINY_TRAIN = {"dropout": 0.1, "neighbour_batches": False, "layers": 2, "fusion_layers": 1, "batch_size": 8, "subcategories_per_batch": 2, "cross_texts": 8,
-              "tia_negatives": 3, "epochs": 12, "max_minutes": 10, "val_products": 8, "val_queries": 4,
-              "checkpoint_minutes": 0, "precision": "bf16", "max_text_len": 32, "patience": 100, "rerank_epochs": 20}
+              "tia_negatives": 3, "epochs": 12, "val_products": 8, "val_queries": 4,
+              "checkpoint_minutes": 0, "precision": "fp32", "max_text_len": 32, "patience": 100, "rerank_epochs": 20}
 
 
 @pytest.fixture(scope="session")

@@ -76,6 +76,8 @@ def test_export_writes_a_complete_manifest(model_dir):
         elif name not in ("fp32", m["default_variant"]):
             assert not v["scored"], name
     assert "Could not find an implementation" in m["selection"]["bf16"] or m["selection"]["bf16"] == "supported"
+    # Chosen on the lists /search reranks, every variant on the same ones: fp32 agrees with itself.
+    assert m["selection"]["K"] == min(20, m["selection"]["items"]) and variants["fp32"]["top1_agreement"] == 1.0
 
 
 def test_onnx_matches_pytorch_within_1e4_on_real_items(run_dir, model, items):
@@ -217,6 +219,31 @@ def test_build_stores_everything_and_finds_each_image_by_its_own_embedding(model
     assert meta["name"] == items[0].name and meta["gender"] == items[0].metadata["gender"]
     assert index.image(items[0].id)[:2] == b"\xff\xd8"  # a JPEG
     assert index.item("no-such-id") is None
+
+
+def test_a_build_reuses_the_training_features_for_unchanged_images(model, run_dir, demo_catalog, tmp_path, items):
+    from PIL import Image
+
+    catalog = tmp_path / "catalog"
+    shutil.copytree(demo_catalog, catalog)
+    first = json.loads((catalog / "catalog.jsonl").read_text().splitlines()[0])
+    image = catalog / first["image"]
+    Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image)  # changed since the features were made
+
+    plain = build(model, open_catalog(catalog), tmp_path / "plain", progress=False)
+    reused = build(model, open_catalog(catalog), tmp_path / "reused", progress=False, features=run_dir.parent / "grid.h5")
+    assert plain["from_cached_features"] == 0 and reused["from_cached_features"] == len(items) - 1
+    a, b = CatalogIndex(tmp_path / "plain"), CatalogIndex(tmp_path / "reused")
+    rows = a.rows_of([it.id for it in items])
+    assert rows == b.rows_of([it.id for it in items])
+    ra, ea = a.embeddings()
+    rb, eb = b.embeddings()
+    assert np.array_equal(ra, rb)
+    # The CNN's features stored in float16 (and made the way training made them): the same embeddings.
+    assert (ea * eb).sum(1).min() > 0.999
+    np.testing.assert_allclose(b.patches.read([rows[first["id"]]]), a.patches.read([rows[first["id"]]]), atol=1e-3)
+    for it in items[1:6]:
+        assert b.search(ea[int(np.flatnonzero(ra == rows[it.id])[0])], 1)[0].id == it.id
 
 
 def test_int8_patch_storage_is_half_the_size_and_close(model, demo_catalog, tmp_path, items):

@@ -45,6 +45,27 @@ def test_modes_give_the_documented_shapes(demo_catalog):
     assert not np.allclose(grid, crop, atol=0.05)
 
 
+def test_onnx_runtime_computes_the_same_features_and_is_the_cpu_default(demo_catalog, grid_extractor, tmp_path):
+    from fashionbert.model.features import OnnxPatchFeatureExtractor
+
+    images = np.stack([to_model_image(it.image) for it, _ in zip(open_catalog(demo_catalog).items(), range(4))])
+    ref = grid_extractor.extract(images).astype(np.float32)
+    got = OnnxPatchFeatureExtractor(FeatureConfig("grid")).extract(images)
+    assert got.shape == ref.shape and got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), ref, atol=2e-2, rtol=1e-2)  # float16 storage of both
+    assert np.abs(got.astype(np.float32) - ref).mean() < 1e-3
+    with pytest.raises(ValueError, match="fp32"):
+        OnnxPatchFeatureExtractor(FeatureConfig("grid")).extract(images, precision="bf16")
+    # With no extractor given, a CPU computes fp32 features with ONNX Runtime on every machine class.
+    catalog = open_catalog(demo_catalog)
+    compute_features(catalog, tmp_path / "f.h5", split="validation", progress=False)
+    with FeatureStore(tmp_path / "f.h5") as store:
+        assert store.attrs["precision"] == "fp32"
+        first = [it for it in catalog.items("validation")][:4]
+        want = grid_extractor.extract(np.stack([to_model_image(it.image) for it in first])).astype(np.float32)
+        assert np.abs(store.get([it.id for it in first]).astype(np.float32) - want).mean() < 1e-3
+
+
 def test_colour_statistics_name_the_patch_colour(grid_extractor):
     image = np.zeros((1, 256, 256, 3), np.uint8)
     image[0, :, :128] = (200, 30, 40)  # left half red

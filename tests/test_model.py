@@ -15,7 +15,7 @@ from fashionbert.model.fashionbert import (FashionBert, FashionBertConfig, defau
 from fashionbert.model.feature_store import FeatureStore, compute_features
 from fashionbert.model.features import FeatureConfig, PatchFeatureExtractor
 from fashionbert.model.tokenizer import CaptionTokenizer
-from fashionbert.model.train import (TrainConfig, mask_patches, mine_neighbours, param_groups, step_losses,
+from fashionbert.model.train import (TrainConfig, lr_factor, mask_patches, mine_neighbours, param_groups, step_losses,
                                      whole_word_mask)
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, dropout=0.0)
@@ -31,7 +31,7 @@ def demo_data(demo_catalog, tmp_path_factory, tok):
     """The demo catalog's train split (96 products) with real grid features."""
     path = tmp_path_factory.mktemp("feats") / "grid.h5"
     catalog = open_catalog(demo_catalog)
-    compute_features(catalog, path, PatchFeatureExtractor(FeatureConfig("grid")), precision="bf16", progress=False)
+    compute_features(catalog, path, PatchFeatureExtractor(FeatureConfig("grid")), precision="fp32", progress=False)
     with FeatureStore(path) as store:
         return load_split(catalog, "train", store, tok, {})
 
@@ -200,6 +200,27 @@ def test_optimiser_groups_cover_every_weight_once():
     assert all(g["base_lr"] == g["lr"] for g in groups)
 
 
+def test_the_default_budget_is_work_not_wall_clock_time():
+    cfg = TrainConfig()
+    assert cfg.max_minutes is None and cfg.rerank_max_minutes is None  # no cap: the same model on any machine
+    assert cfg.epochs >= 1 and cfg.rerank_steps > 300
+    for bad in ({"max_minutes": 0}, {"rerank_max_minutes": -1}, {"rerank_steps": -1}, {"epochs": 0}):
+        with pytest.raises(ValueError):
+            TrainConfig(**bad).validate()
+    TrainConfig(max_minutes=30, rerank_max_minutes=5).validate()  # a cap is an explicit option
+
+
+def test_the_learning_rate_schedule_ends_at_zero_with_or_without_a_cap():
+    # By steps: warm-up over the first 6 %, then a linear decay that reaches zero at the last step.
+    assert lr_factor(0, 100, 0.06) == 0.01 and lr_factor(3, 100, 0.06) == pytest.approx(0.5)
+    assert lr_factor(53, 100, 0.06) == pytest.approx(0.5) and lr_factor(100, 100, 0.06) == 0.0
+    # Under a cap, the schedule follows whichever ends first: a run the cap cuts at step 20 of 100 has
+    # decayed as a 20-step run would, not stayed at its peak rate.
+    assert lr_factor(10, 100, 0.06, elapsed=53, budget=100) == pytest.approx(0.5)
+    assert lr_factor(20, 100, 0.06, elapsed=100, budget=100) == 0.0
+    assert lr_factor(53, 100, 0.06, elapsed=1, budget=100) == pytest.approx(0.5)  # steps first: as without a cap
+
+
 def test_dropout_is_a_validated_training_option():
     assert TrainConfig().dropout == 0.0  # off by default (README, "Training")
     for bad in (-0.1, 1.0):
@@ -248,7 +269,7 @@ def test_rerank_stage_trains_the_cross_encoder_and_leaves_the_towers_alone(demo_
 
     model = tiny_model(num_layers=3, fusion_layers=1)
     with pytest.raises(ValueError, match="separate_fusion"):  # it would move the towers' layers too
-        train_rerank_stage(model, demo_data, TrainConfig(), contextlib.nullcontext, 60, progress=False)
+        train_rerank_stage(model, demo_data, TrainConfig(), contextlib.nullcontext, progress=False)
     model.separate_fusion_layers()
     with torch.no_grad():
         before = PairScorer(model, demo_data)
@@ -256,8 +277,8 @@ def test_rerank_stage_trains_the_cross_encoder_and_leaves_the_towers_alone(demo_
     lists = np.concatenate([np.arange(len(demo_data))[:, None], pool], 1)
     loss_before = _fused_listwise(model, demo_data, lists)
     cfg = TrainConfig(rerank_epochs=6, rerank_queries=8, rerank_negatives=5, rerank_k=5, lr_backbone=1e-3)
-    out = train_rerank_stage(model, demo_data, cfg, contextlib.nullcontext, 300, progress=False)
-    assert out["steps"] == 6 * (len(demo_data) // 8) and out["stopped"] == "6 passes done"
+    out = train_rerank_stage(model, demo_data, cfg, contextlib.nullcontext, progress=False)
+    assert out["steps"] == 6 * (len(demo_data) // 8) and out["stopped"] == f"{out['steps']} steps done"
     with torch.no_grad():
         after = PairScorer(model, demo_data)
     assert torch.equal(after.text_emb, before.text_emb) and torch.equal(after.image_emb, before.image_emb)

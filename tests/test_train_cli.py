@@ -13,8 +13,8 @@ import time
 import pytest
 
 TINY_RUN = {"layers": 1, "batch_size": 8, "subcategories_per_batch": 2, "cross_texts": 2, "tia_negatives": 2,
-            "epochs": 2, "max_minutes": 10, "val_products": 8, "val_queries": 4, "checkpoint_minutes": 0,
-            "precision": "bf16", "max_text_len": 32}
+            "epochs": 2, "val_products": 8, "val_queries": 4, "checkpoint_minutes": 0,
+            "precision": "fp32", "max_text_len": 32}
 
 
 def cli(*args):
@@ -66,7 +66,7 @@ def test_training_ends_with_the_rerank_stage_and_a_rerun_does_not_repeat_it(trai
     weights, stderr = rerun(tmp_path / "after")  # the stage is not trained twice
     assert weights == (run / "model" / "model.safetensors").read_bytes() and "Rerank stage" not in stderr
     # The stage runs; and once the loop is done, the stage's options may change.
-    weights, stderr = rerun(tmp_path / "before", "--rerank-minutes", "2", stage_saved=False)
+    weights, stderr = rerun(tmp_path / "before", "--rerank-steps", "5", stage_saved=False)
     assert "Rerank stage" in stderr and weights != (run / "model" / "model.safetensors").read_bytes()
 
 
@@ -169,3 +169,17 @@ def test_the_same_seed_trains_the_same_weights(trained_run, demo_catalog, tmp_pa
         train(demo_catalog, tmp_path / name, cfg, features_path=run.parent / "grid.h5", progress=False)
         weights.append((tmp_path / name / "model" / "model.safetensors").read_bytes())
     assert weights[0] == weights[1]
+
+
+def test_a_wall_clock_cap_is_an_option_and_a_cut_run_says_so(trained_run, demo_catalog, tmp_path):
+    run, config, *_ = trained_run
+    # A cap far below one step's time: the loop is cut before its planned steps on any machine.
+    proc = subprocess.run(cli("train", "--catalog", demo_catalog, "--out", tmp_path / "cut", "--config", config,
+                              "--features", run.parent / "grid.h5", "--max-minutes", "0.0001", "--rerank-steps", "0"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["cut"] and summary["steps"] < summary["planned_steps"]
+    assert "Training was cut by its 0.0001-minute cap" in proc.stderr and "without --max-minutes" in proc.stderr
+    full = json.loads((run / "summary.json").read_text())  # the uncapped run did all it planned
+    assert not full["cut"] and full["stopped"] == "2 epochs done"
