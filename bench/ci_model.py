@@ -5,7 +5,7 @@
 Runs what the suite's session fixtures run (tests/conftest.py: the 150-product demo catalog, the
 CI training config, export, index) and prints, per seed, the numbers the model-quality tests
 assert on: validation captions with their product in the top 10 (recall order and reranked; the
-test asks >= 50 %), reranked lifts against drops and the mean rank (more lifts, lower mean), and
+test asks >= 40 % and >= 50 %), reranked lifts against drops and the mean rank (more lifts, lower mean), and
 /match's true pair against a same-subcategory negative over the first 16 items (>= 12 of 16),
 with the training's wall-clock minutes (CPU class in the header).
 """
@@ -92,7 +92,7 @@ def main() -> None:
         build(ExportedModel(work / f"model-{seed}"), open_catalog(catalog), work / f"index-{seed}", overwrite=True,
               progress=False)
         q = quality(work / f"model-{seed}", work / f"index-{seed}", items)
-        ok = (min(q["top10_recall"], q["top10_reranked"]) >= 0.5 and q["up"] > q["down"]
+        ok = (q["top10_recall"] >= 0.4 and q["top10_reranked"] >= 0.5 and q["up"] > q["down"]
               and q["mean_rank_reranked"] < q["mean_rank_recall"] and q["match_wins"] >= 12)
         print(f"| {seed} | {minutes:.1f} | {(summary['rerank_stage'] or {}).get('steps', 0)} | "
               f"{q['top10_recall']:.0%} / {q['top10_reranked']:.0%} | {q['up']} / {q['down']} | "

@@ -12,7 +12,7 @@ import torch
 
 from ..catalog.items import CatalogItem
 from ..catalog.readers import Catalog
-from .feature_store import FeatureStore, compute_features, default_features_path  # noqa: F401 (re-exported)
+from .feature_store import FeatureStore, compute_features
 from .tokenizer import CaptionTokenizer
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ import torch
 from tqdm import tqdm
 
 from ..catalog.readers import open_catalog
-from .data import SplitData, default_features_path, ensure_features, load_split, negatives_by_subcategory
-from .feature_store import FeatureStore
+from .data import SplitData, ensure_features, load_split, negatives_by_subcategory
+from .feature_store import FeatureStore, default_features_path
 from .features import resolve_precision
 from .fashionbert import FashionBert, load_model
 from .rerank_weight import cross_weight

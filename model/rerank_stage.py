@@ -160,6 +160,10 @@ def train_rerank_stage(model: FashionBert, data: SplitData, cfg, autocast, progr
         for p in frozen:
             p.requires_grad_(True)
         model.eval()
+    if step < total:
+        log.warning("The rerank stage was cut by its %g-minute cap (--rerank-max-minutes) after %d of its %d steps: its "
+                    "learning rate was fitted into that time, and the cross-encoder is weaker than the full stage's.",
+                    cfg.rerank_max_minutes, step, total)
     tenth = max(1, len(hits) // 10)
     out = {"steps": step, "pairs": step * per_step * (1 + k), "minutes": round((time.perf_counter() - started) / 60, 2),
            "negatives": k, "top_k": int(pool.shape[1]), "stopped": stopped,

@@ -36,8 +36,8 @@ from tqdm import tqdm
 from ..atomic import replace_dir
 from ..catalog.readers import open_catalog
 from .adaptive_loss import AdaptiveLossWeights
-from .data import SplitData, default_features_path, ensure_features, load_split
-from .feature_store import FeatureStore
+from .data import SplitData, ensure_features, load_split
+from .feature_store import FeatureStore, default_features_path
 from .features import resolve_precision
 from .fashionbert import FashionBert, from_pretrained_bert, load_model, save_model
 from .rerank_stage import tia_losses, train_rerank_stage

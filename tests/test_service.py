@@ -140,9 +140,12 @@ def validation_ranks(client, items) -> dict[bool, np.ndarray]:
 
 
 def test_validation_captions_find_their_products_in_the_top_10(validation_ranks):
-    """Captions the model never trained on find their product among 150 (chance of a top 10: 7 %)."""
-    for rerank, ranks in validation_ranks.items():
-        assert len(ranks) >= 20 and np.mean(ranks <= 10) >= 0.5, (rerank, ranks)
+    """Captions the model never trained on find their product among 150 (chance of a top 10: 7 %):
+    at least 40 % of them by the towers' order and 50 % reranked. Measured in fp32 on three
+    training seeds (bench/ci_model.py, docs/training-budget.md): 46-72 % and 65-78 %."""
+    for rerank, floor in ((False, 0.4), (True, 0.5)):
+        ranks = validation_ranks[rerank]
+        assert len(ranks) >= 20 and np.mean(ranks <= 10) >= floor, (rerank, ranks)
 
 
 def test_rerank_moves_validation_captions_up_on_average(validation_ranks):
