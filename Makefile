@@ -59,7 +59,7 @@ $(FEATURES): $(CATALOG)/catalog.jsonl
 	$(BIN)/fashionbert features --catalog $(CATALOG) --out $@
 
 # The default training budget is work, not time: 4 epochs, then 400 rerank-stage steps, the same
-# model on any machine. An interrupted run resumes when the same command runs again.
+# training on any machine. An interrupted run resumes when the same command runs again.
 # Order-only: evaluating or re-checking the features rewrites their file, which must not retrain.
 $(MODEL): | $(FEATURES)
 	$(BIN)/fashionbert train --catalog $(CATALOG) --out $(RUNS)/default

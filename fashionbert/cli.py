@@ -167,7 +167,7 @@ def cmd_index_build(args) -> int:
 
         features = default_features_path(args.catalog, model.feature_identity["mode"])  # where training put them
     build(model, catalog, args.out, cfg, split=args.split, overwrite=args.overwrite, progress=not args.quiet,
-          features=features)
+          features=features, features_explicit=args.features is not None)
     _report_problems(catalog)
     return 0
 
@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     feats.add_argument("--crop-size", type=int, default=64, help="crop mode: pixels each 32x32 crop is resized to")
     feats.add_argument("--batch-size", type=int, default=32)
     feats.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                       help="auto: bf16 where the CPU has native bf16 (or on a CUDA GPU), else fp32")
+                       help="auto: fp32 through ONNX Runtime on a CPU, bf16 on a CUDA GPU that has it; "
+                            "bf16: PyTorch bf16 autocast")
     feats.add_argument("--device", default="cuda" if _cuda() else "cpu")
     feats.add_argument("--overwrite", action="store_true", help="recompute everything, even with a cache of other settings")
     feats.set_defaults(func=cmd_features)

@@ -91,12 +91,9 @@ class ExportedModel:
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelError(f"{self.dir}: a graph failed to load ({exc})") from None
         # Exports before the image head have none: their index builds run the whole image tower.
-        self.image_head = None
-        if m.get("image_head") and (self.dir / m["image_head"]).is_file():
-            try:
-                self.image_head = ort.InferenceSession(str(self.dir / m["image_head"]), opts, providers=providers)
-            except Exception as exc:
-                raise ModelError(f"{self.dir}: a graph failed to load ({exc})") from None
+        # Only index builds use it, so it loads on first use (a server never pays for it).
+        self._head_file = self.dir / m["image_head"] if m.get("image_head") else None
+        self._head_session, self._opts, self._providers = None, opts, providers
         self.feature_identity: dict = m.get("features") or {}
         self.tokenizer = CaptionTokenizer(self.dir / "tokenizer.json", m["max_text_len"])
         self.model_hash: str = m["model_hash"]
@@ -118,6 +115,16 @@ class ExportedModel:
             raise ValueError(f"expected (B, {MODEL_IMAGE_SIZE}, {MODEL_IMAGE_SIZE}, 3) images, got {pixels.shape}")
         emb, patches = self.image.run(None, {"pixels": pixels})
         return emb, patches
+
+    @property
+    def image_head(self):
+        """The image tower above the CNN (None for exports without one)."""
+        if self._head_session is None and self._head_file is not None and self._head_file.is_file():
+            try:
+                self._head_session = ort.InferenceSession(str(self._head_file), self._opts, providers=self._providers)
+            except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+                raise ModelError(f"{self.dir}: a graph failed to load ({exc})") from None
+        return self._head_session
 
     def encode_features(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cached patch features (B, P, D) -> embeddings (B, E) and patch states (B, P, H), without the CNN."""

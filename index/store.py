@@ -527,8 +527,12 @@ class CachedFeatures:
         self.store = store
 
     @classmethod
-    def open(cls, path: str | Path | None, model) -> "CachedFeatures | None":
-        if path is None or not Path(path).is_file():
+    def open(cls, path: str | Path | None, model, explicit: bool = True) -> "CachedFeatures | None":
+        if path is None:
+            return None
+        if not Path(path).is_file():
+            if explicit:
+                log.warning("No feature file at %s: every image goes through the CNN.", path)
             return None
         if getattr(model, "image_head", None) is None:
             log.info("The model has no image head (an older export): every image goes through the CNN.")
@@ -565,7 +569,7 @@ def encode_batch(model, batch: list[CatalogItem], cached: CachedFeatures | None)
     that came from cached features."""
     rows = cached.rows(batch) if cached is not None else [None] * len(batch)
     hit = [i for i, r in enumerate(rows) if r is not None]
-    if len(hit) == len(batch):
+    if hit and len(hit) == len(batch):
         emb, states = model.encode_features(cached.store.get([batch[i].id for i in hit]).astype(np.float32))
         return emb, states, len(hit)
     if not hit:
@@ -592,9 +596,11 @@ def _batched(items: Iterator[CatalogItem], size: int) -> Iterator[list[CatalogIt
 
 
 def build(model, catalog, out: str | Path, cfg: IndexConfig = IndexConfig(), split: str = "all",
-          overwrite: bool = False, progress: bool = True, features: str | Path | None = None) -> dict:
+          overwrite: bool = False, progress: bool = True, features: str | Path | None = None,
+          features_explicit: bool = True) -> dict:
     """Encode every item of the catalog with the exported image tower and write INDEX_DIR atomically.
-    `features`: a patch-feature cache of the catalog; unchanged images found there skip the CNN."""
+    `features`: a patch-feature cache of the catalog; unchanged images found there skip the CNN
+    (`features_explicit` false: a default path, silently skipped when absent)."""
     cfg.validate()
     out = Path(out)
     if out.exists() and not overwrite and any(out.iterdir()):
@@ -608,6 +614,7 @@ def build(model, catalog, out: str | Path, cfg: IndexConfig = IndexConfig(), spl
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     start = time.perf_counter()
+    cached = None
     try:
         records = catalog.records(split)
         if not records:
@@ -618,7 +625,7 @@ def build(model, catalog, out: str | Path, cfg: IndexConfig = IndexConfig(), spl
         patches = PatchFile(tmp, model.num_patches, model.hidden_size, cfg.patch_dtype)
         row, encode_seconds, reused = 1, 0.0, 0
         all_emb = []
-        cached = CachedFeatures.open(features, model)
+        cached = CachedFeatures.open(features, model, features_explicit)
         bar = tqdm(total=len(records), desc="Indexing images", unit="img", disable=not progress, mininterval=0.5)
         db.execute("BEGIN")
         for batch in _batched(catalog.items(split), cfg.batch_size):
@@ -634,8 +641,6 @@ def build(model, catalog, out: str | Path, cfg: IndexConfig = IndexConfig(), spl
         db.execute("COMMIT")
         bar.close()
         db.close()
-        if cached is not None:
-            cached.close()
         emb = np.concatenate(all_emb).astype(np.float32)
         n = len(emb)
         index = _new_faiss(cfg, model.embed_dim, emb)
@@ -653,6 +658,8 @@ def build(model, catalog, out: str | Path, cfg: IndexConfig = IndexConfig(), spl
         _fsync_dir(tmp)
         replace_dir(tmp, out)
     finally:
+        if cached is not None:
+            cached.close()
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("Indexed %d items into %s (%s, %.0f images/s encoding, %d of them from cached patch features, %d bytes "
              "of patch states per item) in %.0f s.", n, out, cfg.kind, manifest["encode_images_per_s"], reused,

@@ -15,8 +15,9 @@ once and reuses them for all K pairs, so a pair costs only the fusion layers.
 Cross-encoder variants (the rerank is where the time goes): `fp32`; `optimized` (ONNX Runtime's
 transformer optimizer); `int8` and `optimized-int8` (dynamic int8 quantization of every weight
 matrix); `mixed-int8` (int8 except the last layer's projections into the match head).
-Given a catalog, each variant is scored on a paper-protocol draw and timed at K = 20; the
-default is the fastest that loses at most `max_r1_loss` points of R@1 in either direction.
+Given a catalog, each variant is timed at K = 20 and reranks the same lists fp32 reranks: the
+two-tower top 20 of `select_queries` validation captions, as /search does; the default is the
+fastest whose served R@1 on those lists is at most `max_r1_loss` points below fp32's.
 """
 
 from __future__ import annotations
@@ -417,6 +418,8 @@ def choose_variant(model_dir: Path, files: dict[str, str], items, model: Fashion
 def export(run: str | Path, out: str | Path, cfg: ExportConfig = ExportConfig(), overwrite: bool = False,
            progress: bool = True) -> dict:
     run, out = Path(run), Path(out)
+    if cfg.select_queries < 1 or cfg.select_k < 2:
+        raise ValueError("--select-queries must be at least 1 (and select_k at least 2)")
     if cfg.variant != "auto" and cfg.variant not in VARIANTS:
         raise ValueError(f"unknown variant {cfg.variant!r}: use auto or one of {', '.join(VARIANTS)}")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -453,7 +456,7 @@ def export(run: str | Path, out: str | Path, cfg: ExportConfig = ExportConfig(),
             "format": FORMAT, "model_hash": file_hash(run / "model" / "model.safetensors"), "run": str(run.resolve()),
             "text_tower": files["text_tower"], "image_tower": files["image_tower"], "image_head": files["image_head"],
             # What the image head's input must be: cached features made exactly so (model/feature_store.py).
-            "features": {k: v for k, v in extractor.config.as_attrs().items()},
+            "features": {**extractor.config.as_attrs(), "precision": "fp32"},
             "cross_encoder_variants": variants, "default_variant": "fp32",
             "embed_dim": c.embed_dim, "hidden_size": c.hidden_size, "layers": c.num_layers,
             "fusion_layers": min(c.fusion_layers, c.num_layers), "num_patches": c.num_patches,

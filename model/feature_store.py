@@ -186,6 +186,11 @@ def compute_features(catalog: Catalog, out: str | os.PathLike, extractor=None, *
     old = None
     if out.exists() and not overwrite:
         old = FeatureStore(out)
+        if precision == "auto" and extractor is None and old.attrs.get("precision") in ("fp32", "bf16"):
+            # A cache made under another default (bf16 PyTorch on bf16 CPUs) stays as it was made:
+            # new images are computed the same way, and the model trained on it still matches.
+            identity["precision"] = old.attrs["precision"]
+            engine = "onnxruntime" if identity["precision"] == "fp32" and dev.type == "cpu" else "torch"
         theirs = {k: old.attrs.get(k) for k in IDENTITY_ATTRS}
         if theirs != identity:
             diff = ", ".join(f"{k}: {theirs[k]} here, {identity[k]} asked" for k in IDENTITY_ATTRS if theirs[k] != identity[k])

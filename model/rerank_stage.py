@@ -102,7 +102,8 @@ def train_rerank_stage(model: FashionBert, data: SplitData, cfg, autocast, progr
     if not k:
         log.warning("Rerank stage skipped: no training caption has an image of another product to rank against.")
         return {"steps": 0, "pairs": 0, "minutes": round(encoded / 60, 2), "negatives": 0, "top_k": 0,
-                "stopped": "no negatives", "true_first_first_tenth": None, "true_first_last_tenth": None}
+                "stopped": "no negatives", "planned_steps": 0, "cut": False, "true_first_first_tenth": None,
+                "true_first_last_tenth": None}
     log.info("Rerank stage: %d captions encoded in %.0f s; training the cross-encoder on them, each against %d of "
              "the %d images of other products nearest to it by two-tower similarity, %d captions a step, %d steps%s.",
              len(data), encoded, k, pool.shape[1], per_step, total,
@@ -118,7 +119,7 @@ def train_rerank_stage(model: FashionBert, data: SplitData, cfg, autocast, progr
     model.train()
     step, hits = 0, []
     bar = tqdm(total=total, desc="Rerank stage", disable=not progress, unit="step", mininterval=1.0)
-    stopped = f"{total} steps done"
+    stopped = f"{total} steps done" + ("" if total == cfg.rerank_steps else f" ({cfg.rerank_epochs} passes over the captions)")
     train_started = time.perf_counter()
     train_budget = max(budget_s - encoded, 1e-6) if budget_s else None
     try:
@@ -166,7 +167,7 @@ def train_rerank_stage(model: FashionBert, data: SplitData, cfg, autocast, progr
                     cfg.rerank_max_minutes, step, total)
     tenth = max(1, len(hits) // 10)
     out = {"steps": step, "pairs": step * per_step * (1 + k), "minutes": round((time.perf_counter() - started) / 60, 2),
-           "negatives": k, "top_k": int(pool.shape[1]), "stopped": stopped,
+           "negatives": k, "top_k": int(pool.shape[1]), "stopped": stopped, "planned_steps": total, "cut": step < total,
            # Share of lists whose true image the service's score put first, early and late in the stage.
            "true_first_first_tenth": round(float(np.mean(hits[:tenth])), 3) if hits else None,
            "true_first_last_tenth": round(float(np.mean(hits[-tenth:])), 3) if hits else None}

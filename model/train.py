@@ -92,7 +92,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: float = 0.06  # share of the run
     clip: float = 1.0
-    # The budget is work, not time: the same command and seed train the same model on any machine.
+    # The budget is work, not time: the same command and seed do the same training on any machine.
     # 4 epochs: where the multitask loop of the tuned recipe had its best validation score.
     epochs: int = 4
     # An optional cap on the multitask loop's wall-clock minutes (validation included); None = none.
@@ -651,7 +651,9 @@ def _train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features
         # settings in --config. Once the loop is done, the rerank stage's options may change.
         loop_done = bool(ckpt["state"].get("stopped")) or ckpt["state"]["epoch"] >= ckpt["config"].get("epochs", cfg.epochs)
         ignore = set(RERANK_STAGE_OPTIONS) if loop_done else set()
-        saved = {k: v for k, v in {**asdict(TrainConfig()), **ckpt["config"]}.items() if k not in ignore}
+        # Options that no longer exist (rerank_minutes, before the budget was in work) do not count.
+        known = {f.name for f in fields(TrainConfig)}
+        saved = {k: v for k, v in {**asdict(TrainConfig()), **ckpt["config"]}.items() if k not in ignore and k in known}
         if saved != {k: v for k, v in asdict(cfg).items() if k not in ignore}:
             raise ValueError(f"{run} holds a run with other settings: pass --overwrite to start again")
         if loop_done and (run / "summary.json").is_file():
@@ -682,6 +684,9 @@ def _train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features
     started = time.perf_counter() - state.elapsed
     try:
         while state.epoch < cfg.epochs and not state.stopped:
+            if budget and time.perf_counter() - started > budget:  # before this epoch's embedding and mining
+                state.stopped = f"{CUT} of {budget / 60:g} minutes"
+                break
             text_emb = None
             if cfg.neighbour_batches and state.epoch > 0:
                 model.eval()
@@ -778,8 +783,9 @@ def _train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features
     rerank = None
     if calib_data is not None and (run / "model").is_dir():
         rerank = calibrate_rerank(run, *load_model(run / "model"), calib_data, cfg.rerank_k, device, autocast)
-    cut = state.stopped.startswith(CUT)
-    if cut:
+    loop_cut = state.stopped.startswith(CUT)
+    cut = loop_cut or bool(stage and stage.get("cut"))
+    if loop_cut:
         log.warning("Training was cut by its %g-minute cap (--max-minutes) after %d of the about %d steps of its %d "
                     "epochs (%.0f%%): the learning rate was fitted into that time, so this model saw less training "
                     "than the recipe plans and is weaker than it; without --max-minutes the run does all its epochs "

@@ -244,6 +244,12 @@ def test_a_build_reuses_the_training_features_for_unchanged_images(model, run_di
     np.testing.assert_allclose(b.patches.read([rows[first["id"]]]), a.patches.read([rows[first["id"]]]), atol=1e-3)
     for it in items[1:6]:
         assert b.search(ea[int(np.flatnonzero(ra == rows[it.id])[0])], 1)[0].id == it.id
+    # Features made another way (one global vector per image) are never fed to the grid model's head.
+    from fashionbert.model.feature_store import compute_features
+
+    compute_features(open_catalog(catalog), tmp_path / "global.h5", mode="global", progress=False)
+    other = build(model, open_catalog(catalog), tmp_path / "other", progress=False, features=tmp_path / "global.h5")
+    assert other["from_cached_features"] == 0
 
 
 def test_int8_patch_storage_is_half_the_size_and_close(model, demo_catalog, tmp_path, items):

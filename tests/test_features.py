@@ -6,12 +6,13 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fashionbert.catalog.images import to_model_image
 from fashionbert.catalog.readers import open_catalog
 from fashionbert.model.feature_store import FeatureCacheError, FeatureStore, compute_features
-from fashionbert.model.features import FeatureConfig, PatchFeatureExtractor
+from fashionbert.model.features import FeatureConfig, PatchFeatureExtractor, feature_engine
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,11 @@ def test_onnx_runtime_computes_the_same_features_and_is_the_cpu_default(demo_cat
     assert np.abs(got.astype(np.float32) - ref).mean() < 1e-3
     with pytest.raises(ValueError, match="fp32"):
         OnnxPatchFeatureExtractor(FeatureConfig("grid")).extract(images, precision="bf16")
+    glob = OnnxPatchFeatureExtractor(FeatureConfig("global")).extract(images[:2]).astype(np.float32)
+    want = PatchFeatureExtractor(FeatureConfig("global")).extract(images[:2]).astype(np.float32)
+    assert glob.shape == (2, 1, 1286) and np.abs(glob - want).mean() < 1e-3
+    assert feature_engine("auto", torch.device("cpu")) == feature_engine("fp32", torch.device("cpu")) == ("onnxruntime", "fp32")
+    assert feature_engine("bf16", torch.device("cpu")) == ("torch", "bf16")
     # With no extractor given, a CPU computes fp32 features with ONNX Runtime on every machine class.
     catalog = open_catalog(demo_catalog)
     compute_features(catalog, tmp_path / "f.h5", split="validation", progress=False)
@@ -64,6 +70,22 @@ def test_onnx_runtime_computes_the_same_features_and_is_the_cpu_default(demo_cat
         first = [it for it in catalog.items("validation")][:4]
         want = grid_extractor.extract(np.stack([to_model_image(it.image) for it in first])).astype(np.float32)
         assert np.abs(store.get([it.id for it in first]).astype(np.float32) - want).mean() < 1e-3
+
+
+def test_a_cache_made_under_another_default_keeps_its_precision(catalog_dir, grid_extractor, tmp_path):
+    """A cache the old default made in bf16 (PyTorch, on bf16 CPUs) is reused under `auto`, not refused."""
+    import h5py
+
+    out = tmp_path / "f.h5"
+    compute_features(open_catalog(catalog_dir), out, grid_extractor, precision="fp32", progress=False)
+    with h5py.File(out, "r+") as f:
+        f.attrs["precision"] = "bf16"  # as the old default wrote it on an AVX-512 bf16 machine
+    again = compute_features(open_catalog(catalog_dir), out, progress=False)
+    assert again.computed == 0 and again.reused == again.total
+    with FeatureStore(out) as store:
+        assert store.attrs["precision"] == "bf16"
+    with pytest.raises(FeatureCacheError, match="precision: bf16 here, fp32 asked"):
+        compute_features(open_catalog(catalog_dir), out, precision="fp32", progress=False)
 
 
 def test_colour_statistics_name_the_patch_colour(grid_extractor):

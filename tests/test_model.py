@@ -278,12 +278,27 @@ def test_rerank_stage_trains_the_cross_encoder_and_leaves_the_towers_alone(demo_
     loss_before = _fused_listwise(model, demo_data, lists)
     cfg = TrainConfig(rerank_epochs=6, rerank_queries=8, rerank_negatives=5, rerank_k=5, lr_backbone=1e-3)
     out = train_rerank_stage(model, demo_data, cfg, contextlib.nullcontext, progress=False)
-    assert out["steps"] == 6 * (len(demo_data) // 8) and out["stopped"] == f"{out['steps']} steps done"
+    assert out["steps"] == out["planned_steps"] == 6 * (len(demo_data) // 8) and not out["cut"]
+    assert out["stopped"] == f"{out['steps']} steps done (6 passes over the captions)"  # the passes, not rerank_steps
     with torch.no_grad():
         after = PairScorer(model, demo_data)
     assert torch.equal(after.text_emb, before.text_emb) and torch.equal(after.image_emb, before.image_emb)
     assert all(p.requires_grad for p in model.parameters())  # the towers' weights are trainable again afterwards
     assert _fused_listwise(model, demo_data, lists) < 0.8 * loss_before
+
+
+def test_a_capped_rerank_stage_is_cut_and_says_so(demo_data, caplog):
+    import contextlib
+
+    from fashionbert.model.rerank_stage import train_rerank_stage
+
+    model = tiny_model(num_layers=3, fusion_layers=1)
+    model.separate_fusion_layers()
+    cfg = TrainConfig(rerank_epochs=6, rerank_queries=8, rerank_negatives=5, rerank_k=5, rerank_max_minutes=1e-6)
+    with caplog.at_level("WARNING"):
+        out = train_rerank_stage(model, demo_data, cfg, contextlib.nullcontext, progress=False)
+    assert out["cut"] and out["steps"] < out["planned_steps"] == 6 * (len(demo_data) // 8)
+    assert "cut by the wall-clock cap" in out["stopped"] and "--rerank-max-minutes" in caplog.text
 
 
 def test_masking_is_whole_words_and_patches(tok):
