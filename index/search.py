@@ -4,7 +4,7 @@ The rerank orders the top K by the cross-encoder's match logit, times a weight f
 the model never trained on (manifest "cross_weight", model/rerank_weight.py), plus the two-tower
 logit (the towers' learned inverse temperature times the cosine): the two models' evidence added.
 On the demo catalog this ordering measured far better than the cross-encoder alone and level with
-the towers alone at R@1, ahead at R@5 and R@10 (README, "Results").
+the towers alone at R@1, ahead at R@5 and R@10 (docs/results-history.md).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ class FashionBertConfig:
     fusion_layers: int = 2
     # The joint pass gets its own copy of the fusion layers (initialised from the same pre-trained
     # layers) instead of sharing them with the towers. Shared, the cross-encoder's hard negatives
-    # pulled the towers' top layers away from the two-tower objective (README, "Training").
+    # pulled the towers' top layers away from the two-tower objective (docs/design.md, "Training").
     separate_fusion: bool = False
 
     @property
@@ -94,7 +94,7 @@ class SelfAttention(nn.Module):
         # ONNX exporter's lowering of SDPA's boolean mask did not match PyTorch (and this form is
         # what ONNX Runtime's fusions recognise); on CPU, SDPA's fused kernel made a training step's
         # backward nearly twice as slow; and its dropout on the attention weights drew random masks that
-        # took 40 % of a step's forward pass (README, "Training").
+        # took 40 % of a step's forward pass (docs/design.md, "Training").
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(h // self.heads)
         # mask: (B, 1, 1, T) bool, True = attend. Padding keys get no weight.
         scores = scores + (~mask).to(scores.dtype) * torch.finfo(scores.dtype).min
@@ -235,7 +235,7 @@ class TIAHead(nn.Module):
 
     The second term gives the reranker a head start: the projections are already aligned by ITC,
     so the joint pass starts from the two-tower's judgement and attention refines it. With [CLS]
-    alone, the cross-encoder did not learn within the CPU budget (README, "Training").
+    alone, the cross-encoder did not learn within the CPU budget (docs/design.md, "Training").
     """
 
     def __init__(self, c: FashionBertConfig):

@@ -3,8 +3,8 @@
 The service orders the top K by `cross_weight * cross-encoder logit + two-tower logit`. Training
 teaches the cross-encoder to correct the towers with the weight at 1, but on products it has never
 seen its corrections are noisier than on the ones it trained on, so 1 trusts it too much (on the
-demo catalog's validation split a weight of 1 ranked below the towers alone at R@1, README
-"Results"). So the weight is fitted on products the run never trained on: `fashionbert calibrate`
+demo catalog's validation split a weight of 1 ranked below the towers alone at R@1,
+docs/results-history.md). So the weight is fitted on products the run never trained on: `fashionbert calibrate`
 on a catalog of them (model/calibrate.py), or training's own held-out products
 (`calibration_products`); evaluation data is never used for it.
 

@@ -62,7 +62,7 @@ class TrainConfig:
     subcategories_per_batch: int = 4  # groups per batch: subcategories, or neighbourhoods (below)
     # From the second epoch, groups are caption-embedding neighbourhoods: a product's hardest
     # in-batch negatives are near-duplicates, as in a rerank's top K. Full-gallery two-tower R@1 79.5 and 87.1 in two
-    # seeds against 70.6-75.2 for four runs with subcategory groups (README, "Results").
+    # seeds against 70.6-75.2 for four runs with subcategory groups (docs/results-history.md).
     neighbour_batches: bool = True
     # Texts per step through the cross-encoder, each with 1 positive + `tia_negatives`. 4, not 12: a
     # quarter of a step cheaper (bench/train_step.py), and the rerank stage (below) trains the
@@ -76,11 +76,11 @@ class TrainConfig:
     fused_listwise: bool = True
     masked_texts: int = 8  # true pairs per step in the MLM/MPM pass
     # Of the TIA negatives, drawn from the text's nearest other products in the whole training
-    # set. Off by default: measured worse (README, "Training").
+    # set. Off by default: measured worse (docs/design.md, "Training").
     mined_negatives: int = 0
     mining_pool: int = 16  # nearest products per text, re-mined with the current model each epoch
     # TIA's gradient stops at the fusion layers' inputs (the layers below learn from ITC, MLM and
-    # MPM only). Off by default: measured no better (README, "Training").
+    # MPM only). Off by default: measured no better (docs/design.md, "Training").
     tia_detached: bool = False
     separate_fusion: bool = True  # the cross-encoder's fusion layers are its own (model/fashionbert.py)
     # Dropout in the trunk and the new layers (BERT's is 0.1). Off by default: the random masks
@@ -108,7 +108,7 @@ class TrainConfig:
     # Training products held out of training to fit the rerank's weight on the cross-encoder logit
     # (model/rerank_weight.py); at most a tenth of them, and none when that is under 20. Off by
     # default: on the demo catalog a default-budget run holding out 400 of the 4,800 reached 61.4
-    # full-gallery two-tower R@1 against 71.8 without (README, "Results"); `fashionbert calibrate`
+    # full-gallery two-tower R@1 against 71.8 without (docs/results-history.md); `fashionbert calibrate`
     # fits the weight afterwards on products the run never saw instead. With neither, it is 1.
     calibration_products: int = 0
     rerank_k: int = 20  # the rerank depth the weight is fitted for (the service's default)
@@ -520,7 +520,7 @@ class TrainState:
 def param_groups(model: FashionBert, cfg: TrainConfig) -> list[dict]:
     """AdamW's groups: the pre-trained trunk (its fusion-layer copies included), the new layers and
     heads, and the temperature (no weight decay). `base_lr` is what the schedule scales. (A faster
-    rate for the fusion layers, 5e-4, was measured worse: README, "Results".)"""
+    rate for the fusion layers, 5e-4, was measured worse: docs/results-history.md.)"""
     backbone = {id(p) for p in model.backbone_parameters()}
     scale = model.itc.logit_scale
     groups = [

@@ -222,7 +222,7 @@ def test_the_learning_rate_schedule_ends_at_zero_with_or_without_a_cap():
 
 
 def test_dropout_is_a_validated_training_option():
-    assert TrainConfig().dropout == 0.0  # off by default (README, "Training")
+    assert TrainConfig().dropout == 0.0  # off by default (docs/design.md, "Training")
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="dropout"):
             TrainConfig(dropout=bad).validate()
