@@ -565,22 +565,21 @@ class CachedFeatures:
 
 
 def encode_batch(model, batch: list[CatalogItem], cached: CachedFeatures | None) -> tuple[np.ndarray, np.ndarray, int]:
-    """Embeddings (B, E) and patch states (B, P, H) of a batch; the third value counts the items
-    that came from cached features."""
+    """Embeddings (B, E) and patch states (B, P, H) of a non-empty batch: cached features through the
+    image head, the other images through the whole tower; the third value counts the cached ones."""
     rows = cached.rows(batch) if cached is not None else [None] * len(batch)
     hit = [i for i, r in enumerate(rows) if r is not None]
-    if hit and len(hit) == len(batch):
-        emb, states = model.encode_features(cached.store.get([batch[i].id for i in hit]).astype(np.float32))
-        return emb, states, len(hit)
-    if not hit:
-        emb, states = model.encode_images(np.stack([it.image for it in batch]))
-        return emb, states, 0
     miss = [i for i, r in enumerate(rows) if r is None]
-    e_hit, s_hit = model.encode_features(cached.store.get([batch[i].id for i in hit]).astype(np.float32))
-    e_miss, s_miss = model.encode_images(np.stack([batch[i].image for i in miss]))
-    emb = np.empty((len(batch), e_hit.shape[1]), dtype=e_hit.dtype)
-    states = np.empty((len(batch), *s_hit.shape[1:]), dtype=s_hit.dtype)
-    emb[hit], states[hit], emb[miss], states[miss] = e_hit, s_hit, e_miss, s_miss
+    parts = []
+    if hit:
+        parts.append((hit, model.encode_features(cached.store.get([batch[i].id for i in hit]).astype(np.float32))))
+    if miss:
+        parts.append((miss, model.encode_images(np.stack([batch[i].image for i in miss]))))
+    e0, s0 = parts[0][1]
+    emb = np.empty((len(batch), *e0.shape[1:]), dtype=e0.dtype)
+    states = np.empty((len(batch), *s0.shape[1:]), dtype=s0.dtype)
+    for idx, (e, st) in parts:
+        emb[idx], states[idx] = e, st
     return emb, states, len(hit)
 
 

@@ -107,7 +107,8 @@ class ExportConfig:
     catalog: str | None = None  # real items for the parity check and the variant choice (default: the run's)
     split: str = "validation"
     # The variant choice: this many validation captions, each reranking its two-tower top
-    # `select_k` as /search does. Bounded in work: about a minute on a 2-core AVX2 CPU.
+    # `select_k` as /search does. Bounded in work (the whole export of a CI-sized model, 160
+    # captions: 50 s on a 2-core AVX2 CPU, BENCHMARKS.md).
     select_queries: int = 200
     select_k: int = 20
     max_r1_loss: float = 1.0  # points of served R@1 a faster variant may lose against fp32 on those lists
@@ -123,7 +124,7 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict) -> None:
+def export_module(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on Python-level shape arithmetic
         torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
@@ -139,14 +140,14 @@ def export_graphs(model: FashionBert, extractor: PatchFeatureExtractor, out: Pat
     states = torch.randn(2, 4, c.hidden_size)
     patches = torch.randn(2, c.num_patches, c.hidden_size)
     with torch.no_grad():
-        _export(TextTower(model), (ids, mask), out / "text_tower.onnx", ["input_ids", "attention_mask"],
+        export_module(TextTower(model), (ids, mask), out / "text_tower.onnx", ["input_ids", "attention_mask"],
                 ["embedding", "text_states"], {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
                                                "embedding": {0: "batch"}, "text_states": {0: "batch", 1: "tokens"}})
-        _export(ImageTower(model, extractor), (pixels,), out / "image_tower.onnx", ["pixels"], ["embedding", "patch_states"],
+        export_module(ImageTower(model, extractor), (pixels,), out / "image_tower.onnx", ["pixels"], ["embedding", "patch_states"],
                 {"pixels": {0: "batch"}, "embedding": {0: "batch"}, "patch_states": {0: "batch"}})
-        _export(ImageHead(model), (torch.randn(2, c.num_patches, c.patch_dim),), out / "image_head.onnx", ["features"],
+        export_module(ImageHead(model), (torch.randn(2, c.num_patches, c.patch_dim),), out / "image_head.onnx", ["features"],
                 ["embedding", "patch_states"], {"features": {0: "batch"}, "embedding": {0: "batch"}, "patch_states": {0: "batch"}})
-        _export(CrossEncoder(model), (states, mask, patches), out / "cross_encoder.fp32.onnx",
+        export_module(CrossEncoder(model), (states, mask, patches), out / "cross_encoder.fp32.onnx",
                 ["text_states", "attention_mask", "patch_states"], ["logit"],
                 {"text_states": {0: "pairs", 1: "tokens"}, "attention_mask": {0: "pairs", 1: "tokens"},
                  "patch_states": {0: "pairs"}, "logit": {0: "pairs"}})

@@ -22,8 +22,8 @@ import contextlib
 import functools
 import io
 import tempfile
-import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -152,17 +152,15 @@ class OnnxPatchFeatureExtractor:
         import onnxruntime as ort
 
         from ..index.runtime import session_options
+        from .export import export_module  # export imports this module at its top
 
         self.config = config
-        module = PatchFeatureExtractor(config).eval()
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the tracer's notes on Python-level shape arithmetic
-            path = f"{tmp}/extractor.onnx"
-            torch.onnx.export(module, (torch.zeros(2, MODEL_IMAGE_SIZE, MODEL_IMAGE_SIZE, 3, dtype=torch.uint8),), path,
-                              input_names=["pixels"], output_names=["features"],
-                              dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}}, opset_version=17,
-                              dynamo=False, do_constant_folding=True)
-            self.session = ort.InferenceSession(path, session_options(threads), providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+            path = Path(tmp) / "extractor.onnx"
+            export_module(PatchFeatureExtractor(config).eval(),
+                          (torch.zeros(2, MODEL_IMAGE_SIZE, MODEL_IMAGE_SIZE, 3, dtype=torch.uint8),), path, ["pixels"],
+                          ["features"], {"pixels": {0: "batch"}, "features": {0: "batch"}})
+            self.session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
     def extract(self, images: np.ndarray, precision: str = "fp32", device: torch.device | str = "cpu") -> np.ndarray:
         """numpy uint8 (B, 256, 256, 3) in, float16 (B, P, 1286) out."""
