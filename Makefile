@@ -18,7 +18,7 @@ FEATURES := $(DATA)/features/grid.h5
 RUNS     := $(DATA)/runs
 MODEL    := $(RUNS)/default/model/config.json
 # 1,200 more products from the demo generator (another seed): never trained on, they fit the rerank's
-# one weight (model/rerank_weight.py). Training replaces model/, and with it this stamp.
+# one weight (runtime/scoring.py). Training replaces model/, and with it this stamp.
 CALIBRATION := $(DATA)/calibration
 CALIBRATED  := $(RUNS)/default/model/calibrated.stamp
 EXPORT   := $(DATA)/model

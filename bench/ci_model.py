@@ -25,7 +25,7 @@ import torch
 
 from fashionbert.catalog.demo import generate
 from fashionbert.catalog.readers import open_catalog
-from fashionbert.index.runtime import ExportedModel
+from fashionbert.runtime.exported import ExportedModel
 from fashionbert.index.search import Searcher
 from fashionbert.index.store import CatalogIndex, build
 from fashionbert.model.export import ExportConfig, export

@@ -20,7 +20,7 @@ import time
 import faiss
 import numpy as np
 
-from fashionbert.index.runtime import ExportedModel
+from fashionbert.runtime.exported import ExportedModel
 from fashionbert.index.store import CatalogIndex, IndexConfig, _new_faiss
 
 

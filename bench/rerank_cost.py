@@ -20,7 +20,7 @@ import torch
 
 from fashionbert.model.fashionbert import load_model
 from fashionbert.model.features import cpu_supports_bf16
-from fashionbert.model.tokenizer import CaptionTokenizer
+from fashionbert.runtime.tokenizer import CaptionTokenizer
 
 CAPTION = ("Navy and white vertical-stripe long sleeve shirt. Cotton poplin shirt in navy with white vertical stripes, "
            "featuring a spread collar and a patch pocket at the chest. Slim fit.")

@@ -23,9 +23,9 @@ from fashionbert.catalog.readers import open_catalog
 from fashionbert.model.adaptive_loss import AdaptiveLossWeights
 from fashionbert.model.data import SplitData, load_split
 from fashionbert.model.fashionbert import default_backbone, from_pretrained_bert
-from fashionbert.model.feature_store import FeatureStore, default_features_path
+from fashionbert.runtime.feature_store import FeatureStore, default_features_path
 from fashionbert.model.features import resolve_precision
-from fashionbert.model.tokenizer import CaptionTokenizer
+from fashionbert.runtime.tokenizer import CaptionTokenizer
 from fashionbert.model.train import TrainConfig, epoch_batches, param_groups, step_losses
 
 VARIANTS = {

@@ -1,4 +1,12 @@
-"""Replacing a directory so that readers see the old one or the new one, never neither."""
+"""Writing files and directories so that readers, and a crash at any moment, see the old version
+or the new one, never a half-written one. Every write that replaces something goes through here.
+
+    with staged_file(path) as tmp:    # any writer that takes a file name (h5py, faiss, safetensors)
+        h5py.File(tmp, "w") ...
+    write_text(path, text)            # small files: JSON, stamps
+    with staged_dir(target) as tmp:   # a whole directory (an export, an index build, a demo catalog)
+        ...
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,8 @@ import ctypes
 import ctypes.util
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _RENAME_EXCHANGE = 2
@@ -36,8 +46,60 @@ def replace_dir(new: Path, target: Path) -> None:
         target.rename(old)
         new.rename(target)
         shutil.rmtree(old)
-    fd = os.open(target.parent, os.O_RDONLY)
+    _fsync_dir(target.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def staged_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside `path` to write to; renamed over `path` (after an fsync) when the
+    block ends without an error, removed when it raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with staged_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+@contextmanager
+def staged_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """An empty directory beside `target` to fill; put at `target` (replace_dir) when the block
+    ends without an error, removed when it raises. Leftovers of killed runs are removed first."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

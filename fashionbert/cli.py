@@ -70,7 +70,7 @@ def cmd_catalog_contact_sheet(args) -> int:
 
 
 def cmd_features(args) -> int:
-    from .model.feature_store import compute_features
+    from .model.feature_cache import compute_features
 
     catalog = _open(args)
     run = compute_features(catalog, args.out, mode=args.mode, crop_size=args.crop_size, split=args.split,
@@ -148,7 +148,7 @@ def _filters(args):
 
 
 def _model(args):
-    from .index.runtime import ExportedModel
+    from .runtime.exported import ExportedModel
 
     return ExportedModel(args.model, threads=args.threads)
 
@@ -163,7 +163,7 @@ def cmd_index_build(args) -> int:
     model = _model(args)
     features = args.features
     if features is None and model.feature_identity.get("mode"):
-        from .model.feature_store import default_features_path
+        from .runtime.feature_store import default_features_path
 
         features = default_features_path(args.catalog, model.feature_identity["mode"])  # where training put them
     build(model, catalog, args.out, cfg, split=args.split, overwrite=args.overwrite, progress=not args.quiet,

@@ -1,7 +1,7 @@
 """Search as the service runs it: text tower -> FAISS recall -> cross-encoder rerank of the top K.
 
 The rerank orders the top K by the cross-encoder's match logit, times a weight fitted on products
-the model never trained on (manifest "cross_weight", model/rerank_weight.py), plus the two-tower
+the model never trained on (manifest "cross_weight", runtime/scoring.py), plus the two-tower
 logit (the towers' learned inverse temperature times the cosine): the two models' evidence added.
 On the demo catalog this ordering measured far better than the cross-encoder alone and level with
 the towers alone at R@1, ahead at R@5 and R@10 (docs/results-history.md).
@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .runtime import ExportedModel, TextBatch, sigmoid
+from ..runtime.exported import ExportedModel, TextBatch
+from ..runtime.scoring import fused_scores, sigmoid
 from .store import CatalogIndex, Filters, Hit
 
 
 def fuse(logits: np.ndarray, hits: list[Hit], itc_scale: float, cross_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """The rerank's ordering score (weighted cross-encoder logit + two-tower logit) and the match probability."""
-    return cross_weight * logits + itc_scale * np.array([h.score for h in hits]), sigmoid(logits)
+    return fused_scores(logits, [h.score for h in hits], itc_scale, cross_weight), sigmoid(logits)
 
 
 @dataclass

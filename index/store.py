@@ -41,7 +41,7 @@ from tqdm import tqdm
 from ..catalog.images import image_hash
 from ..catalog.items import CatalogItem
 from ..atomic import replace_dir
-from ..model.feature_store import FeatureCacheError, FeatureStore
+from ..runtime.feature_store import FeatureCacheError, FeatureStore
 
 log = logging.getLogger(__name__)
 FORMAT = "fashionbert-index/1"
@@ -519,7 +519,7 @@ def encode_items(model, items: list[CatalogItem], batch_size: int, progress: boo
 
 
 class CachedFeatures:
-    """Patch features training already computed for this catalog (model/feature_store.py), when
+    """Patch features training already computed for this catalog (runtime/feature_store.py), when
     they were made exactly as the export's image tower makes them: an item whose image is
     unchanged then costs the image head only, not the CNN again."""
 

@@ -2,7 +2,7 @@
 
 The demo pipeline renders a small second demo catalog with another seed (the same generator, other
 products) and fits on it; with a catalog of your own, hold out products of your own. See
-model/rerank_weight.py for what the weight is and why it is fitted.
+runtime/scoring.py for what the weight is and why it is fitted.
 """
 
 from __future__ import annotations

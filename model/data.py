@@ -12,8 +12,9 @@ import torch
 
 from ..catalog.items import CatalogItem
 from ..catalog.readers import Catalog
-from .feature_store import FeatureStore, compute_features
-from .tokenizer import CaptionTokenizer
+from ..runtime.feature_store import FeatureStore
+from .feature_cache import compute_features
+from ..runtime.tokenizer import CaptionTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -26,11 +26,11 @@ from tqdm import tqdm
 
 from ..catalog.readers import open_catalog
 from .data import SplitData, ensure_features, load_split, negatives_by_subcategory
-from .feature_store import FeatureStore, default_features_path
+from ..runtime.feature_store import FeatureStore, default_features_path
 from .features import resolve_precision
 from .fashionbert import FashionBert, load_model
-from .rerank_weight import cross_weight
-from .tokenizer import CaptionTokenizer
+from ..runtime.scoring import cross_weight
+from ..runtime.tokenizer import CaptionTokenizer
 from .train import PairScorer
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def full_gallery(score, sim: np.ndarray, data: SplitData, cfg: EvalConfig, progr
     With `itc_scale` (the towers' learned inverse temperature) a third pipeline is reported, the
     service's: the rerank orders the top K by cross_weight * cross-encoder logit + itc_scale *
     two-tower cosine, where cross_weight was fitted on products the model never trained on
-    (model/rerank_weight.py), never on evaluation data.
+    (runtime/scoring.py), never on evaluation data.
     """
     products = one_row_per_product(data)
     rng = np.random.default_rng([cfg.seed, 42])

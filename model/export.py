@@ -1,4 +1,4 @@
-"""`fashionbert export`: a trained run -> ONNX graphs a torch-free process serves (index/runtime.py).
+"""`fashionbert export`: a trained run -> ONNX graphs a torch-free process serves (runtime/exported.py).
 
 Graphs (fp32, opset 17, dynamic batch and text length):
 
@@ -42,15 +42,15 @@ from tqdm import tqdm
 
 from ..catalog.readers import open_catalog
 from .fashionbert import FashionBert, load_model
-from .feature_store import FeatureStore
+from ..runtime.feature_store import FeatureStore
 from .features import FeatureConfig, PatchFeatureExtractor
-from .rerank_weight import cross_weight
+from ..runtime.exported import FORMAT, ExportedModel
+from ..runtime.scoring import cross_weight, fused_scores
 from ..atomic import replace_dir
 
 log = logging.getLogger(__name__)
 OPSET = 17
 VARIANTS = ("fp32", "optimized", "int8", "optimized-int8", "mixed-int8")
-FORMAT = "fashionbert-onnx/1"
 
 
 class TextTower(nn.Module):
@@ -287,7 +287,6 @@ class VariantBench:
     """Real validation items encoded once by the exported towers; scores and times cross-encoder variants."""
 
     def __init__(self, model_dir: Path, items, threads: int | None = None):
-        from ..index.runtime import ExportedModel
 
         self.model_dir, self.threads = model_dir, threads
         base = ExportedModel(model_dir, variant="fp32", threads=threads)
@@ -304,7 +303,6 @@ class VariantBench:
         self.sessions = {}
 
     def session(self, variant: str):
-        from ..index.runtime import ExportedModel
 
         if variant not in self.sessions:
             self.sessions[variant] = ExportedModel(self.model_dir, variant=variant, threads=self.threads)
@@ -330,8 +328,9 @@ class VariantBench:
         """(n,) the image row each caption's rerank puts first: cross weight x logit + two-tower logit."""
         rt, out = self.session(variant), np.empty(len(lists), dtype=np.int64)
         for q, rows in enumerate(lists):
-            tower = self.itc_scale * (self.image_emb[rows] @ self.text.embedding[q])
-            out[q] = rows[int(np.argmax(self.cross_weight * rt.rerank_logits(self.text, q, self.patch_states[rows]) + tower))]
+            cosines = self.image_emb[rows] @ self.text.embedding[q]
+            logits = rt.rerank_logits(self.text, q, self.patch_states[rows])
+            out[q] = rows[int(np.argmax(fused_scores(logits, cosines, self.itc_scale, self.cross_weight)))]
             if bar is not None:
                 bar.update(1)
         return out
@@ -456,7 +455,7 @@ def export(run: str | Path, out: str | Path, cfg: ExportConfig = ExportConfig(),
         manifest = {
             "format": FORMAT, "model_hash": file_hash(run / "model" / "model.safetensors"), "run": str(run.resolve()),
             "text_tower": files["text_tower"], "image_tower": files["image_tower"], "image_head": files["image_head"],
-            # What the image head's input must be: cached features made exactly so (model/feature_store.py).
+            # What the image head's input must be: cached features made exactly so (runtime/feature_store.py).
             "features": {**extractor.config.as_attrs(), "precision": "fp32"},
             "cross_encoder_variants": variants, "default_variant": "fp32",
             "embed_dim": c.embed_dim, "hidden_size": c.hidden_size, "layers": c.num_layers,
@@ -468,7 +467,6 @@ def export(run: str | Path, out: str | Path, cfg: ExportConfig = ExportConfig(),
         }
         _write_json(tmp / "manifest.json", manifest)
 
-        from ..index.runtime import ExportedModel
         from .tokenizer import CaptionTokenizer
 
         if catalog:

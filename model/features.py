@@ -151,7 +151,7 @@ class OnnxPatchFeatureExtractor:
     def __init__(self, config: FeatureConfig = FeatureConfig(), threads: int | None = None):
         import onnxruntime as ort
 
-        from ..index.runtime import session_options
+        from ..runtime.exported import session_options
         from .export import export_module  # export imports this module at its top
 
         self.config = config

@@ -37,12 +37,12 @@ from ..atomic import replace_dir
 from ..catalog.readers import open_catalog
 from .adaptive_loss import AdaptiveLossWeights
 from .data import SplitData, ensure_features, load_split
-from .feature_store import FeatureStore, default_features_path
+from ..runtime.feature_store import FeatureStore, default_features_path
 from .features import resolve_precision
 from .fashionbert import FashionBert, from_pretrained_bert, load_model, save_model
 from .rerank_stage import tia_losses, train_rerank_stage
-from .rerank_weight import fit_cross_weight, reciprocal_ranks
-from .tokenizer import CaptionTokenizer
+from ..runtime.scoring import fit_cross_weight, reciprocal_ranks
+from ..runtime.tokenizer import CaptionTokenizer
 
 log = logging.getLogger(__name__)
 TASKS = ("mlm", "mpm", "tia", "itc")
@@ -106,7 +106,7 @@ class TrainConfig:
     fusion_layers: int = 2  # the last N layers attend across modalities (num_layers = the paper's full model)
     val_products: int = 400
     # Training products held out of training to fit the rerank's weight on the cross-encoder logit
-    # (model/rerank_weight.py); at most a tenth of them, and none when that is under 20. Off by
+    # (runtime/scoring.py); at most a tenth of them, and none when that is under 20. Off by
     # default: on the demo catalog a default-budget run holding out 400 of the 4,800 reached 61.4
     # full-gallery two-tower R@1 against 71.8 without (docs/results-history.md); `fashionbert calibrate`
     # fits the weight afterwards on products the run never saw instead. With neither, it is 1.

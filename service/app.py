@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from ..catalog.items import CatalogItem
-from ..index.runtime import sigmoid
+from ..runtime.scoring import sigmoid
 from ..index.store import Filters
 from .engine import BadInput, Engine, decode_base64_image
 from .schemas import (ItemOut, MatchBatchRequest, MatchBatchResponse, MatchPair, MatchRequest, MatchResult, NewItem,

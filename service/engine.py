@@ -23,7 +23,7 @@ import numpy as np
 
 from ..catalog.images import ImageDecodeError, decode_image, to_model_image
 from ..catalog.items import CatalogItem
-from ..index.runtime import ExportedModel
+from ..runtime.exported import ExportedModel
 from ..index.search import fuse
 from ..index.store import CatalogIndex, Filters, Hit
 from .settings import Settings

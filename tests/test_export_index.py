@@ -17,7 +17,7 @@ import torch
 
 from fashionbert.catalog.demo import generate
 from fashionbert.catalog.readers import open_catalog
-from fashionbert.index.runtime import ExportedModel, ModelError
+from fashionbert.runtime.exported import ExportedModel, ModelError
 from fashionbert.index.search import Searcher
 from fashionbert.index.store import CatalogIndex, Filters, IndexConfig, IndexError_, IndexMismatch, build
 from fashionbert.model.export import CrossEncoder, ImageTower, TextTower, parity, protocol_ranks
@@ -145,7 +145,7 @@ def test_missing_or_broken_model_files_are_clear_errors(model_dir, tmp_path):
 TORCH_FREE = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from fashionbert.index.runtime import ExportedModel
+    from fashionbert.runtime.exported import ExportedModel
     from fashionbert.index.search import Searcher
     from fashionbert.index.store import CatalogIndex
     model = ExportedModel(sys.argv[1], variant="fp32")
@@ -245,7 +245,7 @@ def test_a_build_reuses_the_training_features_for_unchanged_images(model, run_di
     for it in items[1:6]:
         assert b.search(ea[int(np.flatnonzero(ra == rows[it.id])[0])], 1)[0].id == it.id
     # Features made another way (one global vector per image) are never fed to the grid model's head.
-    from fashionbert.model.feature_store import compute_features
+    from fashionbert.model.feature_cache import compute_features
 
     compute_features(open_catalog(catalog), tmp_path / "global.h5", mode="global", progress=False)
     other = build(model, open_catalog(catalog), tmp_path / "other", progress=False, features=tmp_path / "global.h5")

@@ -11,7 +11,8 @@ from PIL import Image
 
 from fashionbert.catalog.images import to_model_image
 from fashionbert.catalog.readers import open_catalog
-from fashionbert.model.feature_store import FeatureCacheError, FeatureStore, compute_features
+from fashionbert.model.feature_cache import compute_features
+from fashionbert.runtime.feature_store import FeatureCacheError, FeatureStore
 from fashionbert.model.features import FeatureConfig, PatchFeatureExtractor, feature_engine
 
 

@@ -12,9 +12,10 @@ from fashionbert.model.data import load_split, negatives_by_subcategory
 from fashionbert.model.evaluate import EvalConfig, auc, full_gallery, matching, paper_protocol, rank_of_positive, recall_at
 from fashionbert.model.fashionbert import (FashionBert, FashionBertConfig, default_backbone, from_pretrained_bert,
                                            load_model, pack, save_model)
-from fashionbert.model.feature_store import FeatureStore, compute_features
+from fashionbert.model.feature_cache import compute_features
+from fashionbert.runtime.feature_store import FeatureStore
 from fashionbert.model.features import FeatureConfig, PatchFeatureExtractor
-from fashionbert.model.tokenizer import CaptionTokenizer
+from fashionbert.runtime.tokenizer import CaptionTokenizer
 from fashionbert.model.train import (TrainConfig, lr_factor, mask_patches, mine_neighbours, param_groups, step_losses,
                                      whole_word_mask)
 
@@ -429,7 +430,7 @@ def test_protocol_against_a_hand_computed_ranking(demo_data):
 def test_the_rerank_weight_is_fitted_on_held_out_products_and_recorded(demo_data, tmp_path):
     from contextlib import nullcontext
 
-    from fashionbert.model.rerank_weight import GRID, cross_weight
+    from fashionbert.runtime.scoring import GRID, cross_weight
     from fashionbert.model.train import calibrate_rerank
 
     model = tiny_model(num_patches=demo_data.feats.shape[1], patch_dim=demo_data.feats.shape[2])

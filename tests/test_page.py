@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fashionbert.catalog.readers import open_catalog
-from fashionbert.index.runtime import ExportedModel
+from fashionbert.runtime.exported import ExportedModel
 from fashionbert.index.store import build
 
 from .test_service import Server

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from fashionbert.model.rerank_weight import GRID, cross_weight, fit_cross_weight, reciprocal_ranks
+from fashionbert.runtime.scoring import GRID, cross_weight, fit_cross_weight, reciprocal_ranks
 from fashionbert.model.train import TrainConfig, calibration_products
 
 

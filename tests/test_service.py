@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from fashionbert.catalog.readers import open_catalog
-from fashionbert.index.runtime import ExportedModel
+from fashionbert.runtime.exported import ExportedModel
 from fashionbert.index.store import build
 
 API_KEY = "test-key"

@@ -128,7 +128,7 @@ def test_train_refuses_bad_settings_and_foreign_runs(trained_run, demo_catalog, 
 
 def test_calibrate_fits_the_rerank_weight_on_unseen_products_only(trained_run, demo_catalog, tmp_path):
     from fashionbert.catalog.demo import generate
-    from fashionbert.model.rerank_weight import GRID
+    from fashionbert.runtime.scoring import GRID
 
     src, *_ = trained_run
     run = tmp_path / "run"  # a copy: the module's other tests read the original

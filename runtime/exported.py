@@ -24,9 +24,10 @@ import numpy as np
 import onnxruntime as ort
 
 from ..catalog.images import MODEL_IMAGE_SIZE
-from ..model.tokenizer import CaptionTokenizer
+from .tokenizer import CaptionTokenizer
 
 MANIFEST = "manifest.json"
+FORMAT = "fashionbert-onnx/1"  # the manifest's "format": what this code reads and the export writes
 
 
 class ModelError(ValueError):
@@ -60,7 +61,7 @@ def read_manifest(model_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ModelError(f"{path}: not valid JSON ({exc})") from None
-    if manifest.get("format") != "fashionbert-onnx/1":
+    if manifest.get("format") != FORMAT:
         raise ModelError(f"{path}: unknown export format {manifest.get('format')!r}")
     return manifest
 
@@ -149,7 +150,3 @@ class ExportedModel:
         states = np.broadcast_to(text.states[row, :width], (k, width, text.states.shape[-1]))
         mask = np.ones((k, width), dtype=np.int64)
         return self.match_logits(states, mask, patch_states)
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))

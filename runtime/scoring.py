@@ -1,4 +1,5 @@
-"""The rerank's one fitted number: how much the cross-encoder's logit counts against the towers'.
+"""The rerank's scores: the fused ordering score, the match probability, and the one fitted number
+in them, how much the cross-encoder's logit counts against the towers'.
 
 The service orders the top K by `cross_weight * cross-encoder logit + two-tower logit`. Training
 teaches the cross-encoder to correct the towers with the weight at 1, but on products it has never
@@ -47,3 +48,13 @@ def fit_cross_weight(cross_logits: np.ndarray, tower_logits: np.ndarray, hit: np
 def cross_weight(meta: dict) -> float:
     """The fitted weight recorded in a trained model's config.json; 1 for models trained before it was fitted."""
     return float(meta.get("rerank", {}).get("cross_weight", 1.0))
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def fused_scores(cross_logits: np.ndarray, tower_cosines: np.ndarray, itc_scale: float, weight: float = 1.0) -> np.ndarray:
+    """The rerank's ordering score: the weighted cross-encoder logit plus the two-tower logit (the
+    towers' learned inverse temperature times the cosine). Any shape, elementwise."""
+    return weight * np.asarray(cross_logits) + itc_scale * np.asarray(tower_cosines)
