@@ -1,20 +1,23 @@
 """FashionBERT (Gao et al., SIGIR 2020) on a pre-trained BERT, with a two-tower head for recall.
 
-One single-stream BERT reads `[CLS] text [SEP]` followed by the image's patch tokens:
+The trunk is Hugging Face's BERT (`transformers`' BertEmbeddings and BertLayer, eager attention),
+loaded from a local BERT directory (the MiniLM package by default). It reads `[CLS] text [SEP]`
+followed by the image's patch tokens:
 
     patch token = LayerNorm(Linear(patch feature) + patch-position embedding + image-segment embedding)
 
-Full self-attention over text and patches in every layer. Heads, one module each:
+Late fusion: the bottom `num_layers - fusion_layers` layers see one modality at a time, the top
+`fusion_layers` (2 of 6 by default) attend across text and patches. With fusion_layers =
+num_layers it is the paper's single-stream model. Heads, one module each:
 
 - MLMHead   masked (whole-word) language modelling, decoder tied to the word embeddings
 - MPMHead   masked patch modelling: predicts a zeroed patch's feature (KL of softmaxes)
 - TIAHead   text-image alignment: match logit on [CLS]; this is the reranker
 - ITC       the two towers (beyond the paper): a text-only and an image-only pass through the
-            same backbone, mean-pooled, projected to a shared space, L2-normalised; these
+            same layers, mean-pooled, projected to a shared space, L2-normalised; these
             embeddings go into the FAISS index
 
-The layer and weight names follow Hugging Face's BertModel, so a BERT checkpoint (the MiniLM
-package by default, or any local HF BERT directory) loads with `load_state_dict`.
+Weight names are BertModel's, so trained checkpoints are plain state dicts.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import BertConfig, BertModel
+from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
+from transformers.utils import logging as hf_logging
 
 from .features import FEATURE_DIM, GRID
 
@@ -75,108 +81,40 @@ class FashionBertConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-# The BERT trunk --------------------------------------------------------------------------------
+# The BERT trunk: Hugging Face's BERT modules, eager attention ------------------------------------
+#
+# Eager attention, not PyTorch's SDPA, for three measured reasons: the ONNX exporter's lowering of
+# SDPA's boolean mask did not match PyTorch (the eager form is also what ONNX Runtime's fusions
+# recognise); on CPU, SDPA's fused kernel made a training step's backward nearly twice as slow;
+# and its dropout on the attention weights drew random masks that took 40 % of a step's forward
+# pass (docs/design.md, "Training"). The layers are called one by one (not through BertModel) so
+# that the towers and the joint pass can share the layers below the fusion layers.
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, c: FashionBertConfig):
-        super().__init__()
-        self.heads = c.num_heads
-        self.query = nn.Linear(c.hidden_size, c.hidden_size)
-        self.key = nn.Linear(c.hidden_size, c.hidden_size)
-        self.value = nn.Linear(c.hidden_size, c.hidden_size)
-        self.dropout = c.dropout
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, t, h = x.shape  # (B, T, H)
-        q, k, v = (proj(x).view(b, t, self.heads, h // self.heads).transpose(1, 2) for proj in (self.query, self.key, self.value))
-        # Spelled out rather than F.scaled_dot_product_attention, for three measured reasons: the
-        # ONNX exporter's lowering of SDPA's boolean mask did not match PyTorch (and this form is
-        # what ONNX Runtime's fusions recognise); on CPU, SDPA's fused kernel made a training step's
-        # backward nearly twice as slow; and its dropout on the attention weights drew random masks that
-        # took 40 % of a step's forward pass (docs/design.md, "Training").
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(h // self.heads)
-        # mask: (B, 1, 1, T) bool, True = attend. Padding keys get no weight.
-        scores = scores + (~mask).to(scores.dtype) * torch.finfo(scores.dtype).min
-        weights = F.dropout(torch.softmax(scores, dim=-1), self.dropout, self.training)
-        return (weights @ v).transpose(1, 2).reshape(b, t, h)
-
-
-class Output(nn.Module):
-    """Dense, dropout, residual, LayerNorm: closes both the attention and the feed-forward block."""
-
-    def __init__(self, c: FashionBertConfig, in_dim: int):
-        super().__init__()
-        self.dense = nn.Linear(in_dim, c.hidden_size)
-        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.dropout = nn.Dropout(c.dropout)
-
-    def forward(self, x, residual):
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
-
-
-class Attention(nn.Module):
-    def __init__(self, c: FashionBertConfig):
-        super().__init__()
-        self.self = SelfAttention(c)
-        self.output = Output(c, c.hidden_size)
-
-    def forward(self, x, mask):
-        return self.output(self.self(x, mask), x)
-
-
-class Intermediate(nn.Module):
-    def __init__(self, c: FashionBertConfig):
-        super().__init__()
-        self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
-
-    def forward(self, x):
-        return F.gelu(self.dense(x))
-
-
-class Layer(nn.Module):
-    def __init__(self, c: FashionBertConfig):
-        super().__init__()
-        self.attention = Attention(c)
-        self.intermediate = Intermediate(c)
-        self.output = Output(c, c.intermediate_size)
-
-    def forward(self, x, mask):
-        x = self.attention(x, mask)
-        return self.output(self.intermediate(x), x)
+def bert_config(c: FashionBertConfig) -> BertConfig:
+    return BertConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
+                      num_attention_heads=c.num_heads, intermediate_size=c.intermediate_size, hidden_act="gelu",
+                      max_position_embeddings=c.max_position, type_vocab_size=c.type_vocab_size,
+                      layer_norm_eps=c.layer_norm_eps, hidden_dropout_prob=c.dropout,
+                      attention_probs_dropout_prob=c.dropout, pad_token_id=0, attn_implementation="eager")
 
 
 class Encoder(nn.Module):
-    def __init__(self, c: FashionBertConfig):
+    """A stack of BertLayers that can be run in slices (the layers below and above the fusion point)."""
+
+    def __init__(self, c: FashionBertConfig, num_layers: int | None = None):
         super().__init__()
-        self.layer = nn.ModuleList(Layer(c) for _ in range(c.num_layers))
+        bc = bert_config(c)
+        n = c.num_layers if num_layers is None else num_layers
+        self.layer = nn.ModuleList(BertLayer(bc, layer_idx=i) for i in range(n))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Layers start..end-1 (all by default)."""
-        attn_mask = mask[:, None, None, :]  # (B, 1, 1, T)
+        """Layers start..end-1 (all by default). mask (B, T) bool, True = attend."""
+        # Additive key mask, (B, 1, 1, T): padding keys get no weight.
+        attn_mask = (~mask[:, None, None, :]).to(x.dtype) * torch.finfo(x.dtype).min
         for layer in self.layer[start:end]:
             x = layer(x, attn_mask)
         return x
-
-
-def _layers(c: FashionBertConfig, n: int) -> Encoder:
-    """An encoder of n layers (for the separate fusion layers)."""
-    return Encoder(FashionBertConfig(**{**asdict(c), "num_layers": n}))
-
-
-class TextEmbeddings(nn.Module):
-    def __init__(self, c: FashionBertConfig):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=0)
-        self.position_embeddings = nn.Embedding(c.max_position, c.hidden_size)
-        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
-        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.dropout = nn.Dropout(c.dropout)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(ids.shape[1], device=ids.device)[None]
-        x = self.word_embeddings(ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
-        return self.dropout(self.LayerNorm(x))
 
 
 class PatchEmbeddings(nn.Module):
@@ -297,11 +235,11 @@ class FashionBert(nn.Module):
     def __init__(self, config: FashionBertConfig):
         super().__init__()
         self.config = config
-        self.embeddings = TextEmbeddings(config)
+        self.embeddings = BertEmbeddings(bert_config(config))
         self.patch_embeddings = PatchEmbeddings(config, self.embeddings.token_type_embeddings)
         self.encoder = Encoder(config)
         if config.separate_fusion:
-            self.fusion = _layers(config, min(config.fusion_layers, config.num_layers))
+            self.fusion = Encoder(config, min(config.fusion_layers, config.num_layers))
         self.mlm = MLMHead(config, self.embeddings.word_embeddings)
         self.mpm = MPMHead(config)
         self.tia = TIAHead(config)
@@ -331,7 +269,7 @@ class FashionBert(nn.Module):
         if self.config.separate_fusion:
             return
         self.config.separate_fusion = True
-        self.fusion = _layers(self.config, 0)
+        self.fusion = Encoder(self.config, 0)
         self.fusion.layer.extend(copy.deepcopy(layer) for layer in self.encoder.layer[self.config.unimodal_layers :])
 
     def last_shared_weight(self) -> torch.Tensor:
@@ -401,19 +339,14 @@ class FashionBert(nn.Module):
 
     # Weights -----------------------------------------------------------------------------------
 
-    def load_bert(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a Hugging Face BertModel state dict into the trunk (extra layers of a deeper BERT are dropped)."""
-        own = self.state_dict()
-        wanted = {k: v for k, v in state.items() if k.removeprefix("bert.") in own}
-        wanted = {k.removeprefix("bert."): v for k, v in wanted.items()}
-        trunk = {k for k in own if k.startswith(("embeddings.", "encoder."))}
-        missing = trunk - set(wanted)
-        if missing:
-            raise ValueError(f"the BERT checkpoint lacks {len(missing)} trunk weights, e.g. {sorted(missing)[:3]}")
-        for k, v in wanted.items():
-            if own[k].shape != v.shape:
-                raise ValueError(f"BERT weight {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
-        self.load_state_dict(wanted, strict=False)
+    def load_trunk(self, bert: BertModel) -> None:
+        """Copy a Hugging Face BertModel's embeddings and first layers into the trunk (the extra
+        layers of a deeper BERT are dropped)."""
+        if len(bert.encoder.layer) < self.config.num_layers:
+            raise ValueError(f"the BERT has {len(bert.encoder.layer)} layers, the model asks for {self.config.num_layers}")
+        self.embeddings.load_state_dict(bert.embeddings.state_dict())
+        for ours, theirs in zip(self.encoder.layer, bert.encoder.layer):
+            ours.load_state_dict(theirs.state_dict())
 
 
 def default_backbone() -> Path:
@@ -423,23 +356,25 @@ def default_backbone() -> Path:
 
 
 def from_pretrained_bert(bert_dir: str | Path | None = None, **overrides) -> tuple[FashionBert, Path]:
-    """A FashionBERT whose trunk is a local Hugging Face BERT (default: the MiniLM package)."""
-    from safetensors.torch import load_file
-
+    """A FashionBERT whose trunk is a local Hugging Face BERT directory (default: the MiniLM
+    package), loaded by `transformers` from disk only."""
     bert_dir = Path(bert_dir) if bert_dir else default_backbone()
-    cfg_path = bert_dir / "config.json"
-    if not cfg_path.is_file():
+    if not (bert_dir / "config.json").is_file():
         raise FileNotFoundError(f"{bert_dir}: not a BERT directory (no config.json)")
-    config = FashionBertConfig.from_hf_bert(json.loads(cfg_path.read_text()), **overrides)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists the pooler this model leaves out
+    hf_logging.disable_progress_bar()
+    try:
+        bert = BertModel.from_pretrained(bert_dir, local_files_only=True, add_pooling_layer=False,
+                                         attn_implementation="eager")
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"{bert_dir}: could not load a BERT from it ({exc})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    config = FashionBertConfig.from_hf_bert(bert.config.to_dict(), **overrides)
     model = FashionBert(config)
-    weights = bert_dir / "model.safetensors"
-    if weights.is_file():
-        state = load_file(str(weights))
-    elif (bert_dir / "pytorch_model.bin").is_file():
-        state = torch.load(bert_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{bert_dir}: no model.safetensors or pytorch_model.bin")
-    model.load_bert(state)
+    model.load_trunk(bert)
     return model, bert_dir
 
 
