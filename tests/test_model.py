@@ -229,11 +229,11 @@ def test_dropout_is_a_validated_training_option():
             TrainConfig(dropout=bad).validate()
     model = tiny_model(dropout=0.5).train()
     x = torch.randn(2, 5, 32)
-    mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    mask = torch.zeros(2, 1, 1, 5)  # additive: every key attended
     attention = model.encoder.layer[0].attention.self
-    assert not torch.equal(attention(x, mask), attention(x, mask))  # training: random masks
+    assert not torch.equal(attention(x, mask)[0], attention(x, mask)[0])  # training: random masks on the weights
     attention.eval()
-    assert torch.equal(attention(x, mask), attention(x, mask))
+    assert torch.equal(attention(x, mask)[0], attention(x, mask)[0])
 
 
 def test_rerank_candidates_are_each_captions_nearest_other_products():
