@@ -90,11 +90,14 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 @contextmanager
 def staged_dir(target: str | os.PathLike) -> Iterator[Path]:
     """An empty directory beside `target` to fill; put at `target` (replace_dir) when the block
-    ends without an error, removed when it raises. Leftovers of killed runs are removed first."""
+    ends without an error, removed when it raises. Leftovers of killed runs (their process gone)
+    are removed first; another live run's are left alone."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not Path(f"/proc/{pid}").exists() or int(pid) == os.getpid():
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:

@@ -1,4 +1,5 @@
-"""`fashionbert`: one command, a subcommand per stage (catalog -> features -> ...)."""
+"""`fashionbert`: one command, a subcommand per stage, in the order data flows:
+catalog -> features -> train -> eval -> calibrate -> export -> index -> serve."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ import os
 import sys
 
 log = logging.getLogger("fashionbert")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help line ends with its default, where it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
 
 
 def _add_catalog_args(p: argparse.ArgumentParser, split_default: str = "all") -> None:
@@ -244,18 +255,18 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fashionbert", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fashionbert", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     catalog = sub.add_parser("catalog", help="make, check and look at catalogs").add_subparsers(dest="action", required=True, metavar="ACTION")
     demo = catalog.add_parser("demo", help="render the fine-grained demo catalog")
-    demo.add_argument("--out", required=True)
-    demo.add_argument("--n", type=int, default=6000, help="number of products (default 6000)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", required=True, help="the catalog directory to write")
+    demo.add_argument("--n", type=int, default=6000, help="number of products")
+    demo.add_argument("--seed", type=int, default=0, help="the same seed renders the same catalog")
     demo.add_argument("--format", choices=["jsonl", "fashiongen"], default="jsonl",
                       help="jsonl: the generic catalog; fashiongen: the Fashion-Gen HDF5 layout")
-    demo.add_argument("--validation-share", type=float, default=0.2)
+    demo.add_argument("--validation-share", type=float, default=0.2, help="share of products in the validation split")
     demo.add_argument("--workers", type=int, default=1, help="processes rendering in parallel (output is identical)")
     demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     demo.set_defaults(func=cmd_catalog_demo)
@@ -266,33 +277,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     sheet = catalog.add_parser("contact-sheet", help="a PNG grid of catalog images with their captions")
     _add_catalog_args(sheet)
-    sheet.add_argument("--out", required=True)
-    sheet.add_argument("--n", type=int, default=16)
+    sheet.add_argument("--out", required=True, help="the PNG to write")
+    sheet.add_argument("--n", type=int, default=16, help="how many images")
     sheet.set_defaults(func=cmd_catalog_contact_sheet)
 
     feats = sub.add_parser("features", help="patch features of every catalog image, cached")
     _add_catalog_args(feats)
     feats.add_argument("--out", required=True, help="the feature file (HDF5)")
-    feats.add_argument("--mode", choices=["grid", "crop", "global"], default="grid")
+    feats.add_argument("--mode", choices=["grid", "crop", "global"], default="grid",
+                       help="grid: the 8x8 cells of one CNN pass; crop: 64 crops embedded alone (the paper's); global: one vector")
     feats.add_argument("--crop-size", type=int, default=64, help="crop mode: pixels each 32x32 crop is resized to")
-    feats.add_argument("--batch-size", type=int, default=32)
+    feats.add_argument("--batch-size", type=int, default=32, help="images per CNN run")
     feats.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                        help="auto: fp32 through ONNX Runtime on a CPU, bf16 on a CUDA GPU that has it; "
                             "bf16: PyTorch bf16 autocast")
-    feats.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    feats.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda")
     feats.add_argument("--overwrite", action="store_true", help="recompute everything, even with a cache of other settings")
     feats.set_defaults(func=cmd_features)
 
     tr = sub.add_parser("train", help="train FashionBERT (MLM, MPM, TIA, ITC) with the adaptive loss")
-    tr.add_argument("--catalog", required=True)
+    tr.add_argument("--catalog", required=True, help="the training catalog (its train split trains, validation checks)")
     tr.add_argument("--out", required=True, help="the run directory; an interrupted run in it resumes")
     tr.add_argument("--config", help="a JSON file of training options (see model/train.py TrainConfig)")
     tr.add_argument("--features", help="the feature cache (default: features/<mode>.h5 beside the catalog directory)")
-    tr.add_argument("--feature-mode", dest="feature_mode", choices=["grid", "crop", "global"])
+    tr.add_argument("--feature-mode", dest="feature_mode", choices=["grid", "crop", "global"], help="patch features (default grid)")
     tr.add_argument("--layers", type=int, help="keep the first N transformer layers of the backbone")
     tr.add_argument("--fusion-layers", dest="fusion_layers", type=int,
                     help="how many final layers attend across text and patches (= layers: the paper's full model)")
-    tr.add_argument("--loss-weighting", dest="loss_weighting", choices=["adaptive", "released-code", "fixed"])
+    tr.add_argument("--loss-weighting", dest="loss_weighting", choices=["adaptive", "released-code", "fixed"],
+                    help="adaptive: the paper's solve every step (default); fixed: equal weights")
     tr.add_argument("--no-mpm", action="store_true", help="train without masked patch modelling (ablation)")
     tr.add_argument("--epochs", type=int, help="passes of the multitask loop over the training products (default 4)")
     tr.add_argument("--rerank-steps", dest="rerank_steps", type=int,
@@ -302,120 +315,132 @@ def build_parser() -> argparse.ArgumentParser:
                          "is weaker and depends on the machine's speed)")
     tr.add_argument("--rerank-max-minutes", dest="rerank_max_minutes", type=float,
                     help="cut the rerank stage after this many wall-clock minutes (default: no cap)")
-    tr.add_argument("--batch-size", dest="batch_size", type=int)
-    tr.add_argument("--max-train-products", dest="max_train_products", type=int)
+    tr.add_argument("--batch-size", dest="batch_size", type=int, help="captions per multitask step (default 48)")
+    tr.add_argument("--max-train-products", dest="max_train_products", type=int, help="train on at most this many products (default: all)")
     tr.add_argument("--backbone", help="a local Hugging Face BERT directory (default: the MiniLM package)")
-    tr.add_argument("--precision", choices=["auto", "fp32", "bf16"])
-    tr.add_argument("--seed", type=int)
+    tr.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast where the CPU or GPU has native bf16, else fp32")
+    tr.add_argument("--seed", type=int, help="the same seed and thread count train the same model (default 0)")
     tr.add_argument("--device", default="cuda" if _cuda() else None, help="default: cuda when present, else cpu")
     tr.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="the paper's protocol, matching accuracy and full-gallery retrieval")
-    ev.add_argument("--run", required=True)
-    ev.add_argument("--catalog", required=True)
-    ev.add_argument("--split", default="validation", choices=["train", "validation"])
-    ev.add_argument("--features")
+    ev.add_argument("--run", required=True, help="a run directory written by `fashionbert train`")
+    ev.add_argument("--catalog", required=True, help="the catalog to evaluate on")
+    ev.add_argument("--split", default="validation", choices=["train", "validation"], help="which part")
+    ev.add_argument("--features", help="the feature cache (default: features/<mode>.h5 beside the catalog directory)")
     ev.add_argument("--queries", type=int, default=100, help="queries per direction and draw (the paper: 1000)")
-    ev.add_argument("--negatives", type=int, default=100)
-    ev.add_argument("--draws", type=int, default=3)
-    ev.add_argument("--gallery-queries", type=int, default=400)
+    ev.add_argument("--negatives", type=int, default=100, help="paper protocol: negatives per query")
+    ev.add_argument("--draws", type=int, default=3, help="paper protocol: independent draws of queries and negatives")
+    ev.add_argument("--gallery-queries", type=int, default=400, help="full gallery: captions ranked against every image of the split")
     ev.add_argument("--recall-n", type=int, default=100, help="two-tower candidates (N)")
     ev.add_argument("--rerank-k", type=int, default=20, help="candidates the cross-encoder reranks (K)")
-    ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    ev.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="as for train")
+    ev.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the draws")
     ev.add_argument("--name", help="file name for the results under RUN/eval/ (default: the split)")
     ev.set_defaults(func=cmd_eval)
 
     ca = sub.add_parser("calibrate", help="fit the rerank's weight on the cross-encoder on products the run never saw")
-    ca.add_argument("--run", required=True)
+    ca.add_argument("--run", required=True, help="a run directory written by `fashionbert train`")
     ca.add_argument("--catalog", required=True, help="products the run never trained on (e.g. a demo catalog of another seed)")
-    ca.add_argument("--split", default="all", choices=["train", "validation", "all"])
+    ca.add_argument("--split", default="all", choices=["train", "validation", "all"], help="which part")
     ca.add_argument("--features", help="the feature cache (default: RUN/calibration-<mode>.h5)")
     ca.add_argument("--rerank-k", dest="rerank_k", type=int, default=20, help="the rerank depth to fit for (the service's default)")
-    ca.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    ca.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ca.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="as for train")
+    ca.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda")
     ca.set_defaults(func=cmd_calibrate)
 
     ex = sub.add_parser("export", help="export a trained run to ONNX (text tower, image tower, cross-encoder variants)")
-    ex.add_argument("--run", required=True)
+    ex.add_argument("--run", required=True, help="a run directory written by `fashionbert train`")
     ex.add_argument("--out", required=True, help="the model directory to write")
     ex.add_argument("--catalog", help="real items for the parity check and the variant choice (default: the run's catalog)")
-    ex.add_argument("--split", default="validation", choices=["train", "validation", "all"])
+    ex.add_argument("--split", default="validation", choices=["train", "validation", "all"], help="which part of --catalog")
     ex.add_argument("--variant", default="auto", help="auto (measure and choose), fp32, optimized, int8, optimized-int8 or mixed-int8")
     ex.add_argument("--select-queries", dest="select_queries", type=int, default=200,
                     help="validation captions whose two-tower top 20 each variant reranks for the choice")
     ex.add_argument("--max-r1-loss", dest="max_r1_loss", type=float, default=1.0,
                     help="the most served R@1 points a faster variant may lose against fp32 to become the default")
-    ex.add_argument("--threads", type=int)
-    ex.add_argument("--overwrite", action="store_true")
+    ex.add_argument("--threads", type=int, help="ONNX Runtime threads for the measurements (default: all cores)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     ex.set_defaults(func=cmd_export)
 
     ix = sub.add_parser("index", help="build, update and query the FAISS index of a catalog")
-    ixs = ix.add_subparsers(dest="index_command", required=True)
+    ixs = ix.add_subparsers(dest="index_command", required=True, metavar="ACTION")
 
     def model_args(p):
         p.add_argument("--model", required=True, help="a model directory written by `fashionbert export`")
         p.add_argument("--threads", type=int, help="ONNX Runtime and FAISS threads (default: all cores)")
 
     def filter_args(p):
-        p.add_argument("--category")
-        p.add_argument("--subcategory")
-        p.add_argument("--gender")
-        p.add_argument("--price-min", dest="price_min", type=float)
-        p.add_argument("--price-max", dest="price_max", type=float)
+        p.add_argument("--category", help="only items of this category")
+        p.add_argument("--subcategory", help="only items of this subcategory")
+        p.add_argument("--gender", help="only items of this gender")
+        p.add_argument("--price-min", dest="price_min", type=float, help="only items at this price or above")
+        p.add_argument("--price-max", dest="price_max", type=float, help="only items at this price or below")
 
     b = ixs.add_parser("build", help="encode every catalog image and write INDEX_DIR atomically")
     model_args(b)
     _add_catalog_args(b)
-    b.add_argument("--out", required=True)
+    b.add_argument("--out", required=True, help="the index directory to write")
     b.add_argument("--kind", default="flat", choices=["flat", "ivf", "hnsw"],
                    help="flat: exact (default, fine to ~200k items); ivf: inverted lists, deletes work; hnsw: graph, rebuild-only")
     b.add_argument("--nlist", type=int, help="ivf lists (default ~4*sqrt(items))")
     b.add_argument("--nprobe", type=int, default=16, help="ivf lists searched per query")
-    b.add_argument("--hnsw-m", dest="hnsw_m", type=int, default=32)
-    b.add_argument("--ef-search", dest="ef_search", type=int, default=128)
-    b.add_argument("--patch-dtype", dest="patch_dtype", default="float16", choices=["float16", "int8"])
-    b.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    b.add_argument("--hnsw-m", dest="hnsw_m", type=int, default=32, help="hnsw: links per node")
+    b.add_argument("--ef-search", dest="ef_search", type=int, default=128, help="hnsw: candidates kept per query")
+    b.add_argument("--patch-dtype", dest="patch_dtype", default="float16", choices=["float16", "int8"],
+                   help="how the stored patch states are kept (int8: half the disk)")
+    b.add_argument("--batch-size", dest="batch_size", type=int, default=32, help="images per encoding run")
     b.add_argument("--features", help="the catalog's patch-feature cache: unchanged images skip the CNN "
                                       "(default: features/<mode>.h5 beside the catalog directory, if it is there)")
-    b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     b.set_defaults(func=cmd_index_build)
 
     a = ixs.add_parser("add", help="add the items of a catalog to an index (incremental, persisted)")
     model_args(a)
     _add_catalog_args(a)
-    a.add_argument("--index", required=True)
+    a.add_argument("--index", required=True, help="the index directory")
     a.set_defaults(func=cmd_index_add)
 
     d = ixs.add_parser("delete", help="remove items by id")
-    d.add_argument("--index", required=True)
-    d.add_argument("ids", nargs="+")
+    d.add_argument("--index", required=True, help="the index directory")
+    d.add_argument("ids", nargs="+", help="item ids")
     d.set_defaults(func=cmd_index_delete)
 
     i = ixs.add_parser("info", help="what an index holds")
-    i.add_argument("--index", required=True)
+    i.add_argument("--index", required=True, help="the index directory")
     i.set_defaults(func=cmd_index_info)
 
     q = ixs.add_parser("search", help="a text query: recall, then the cross-encoder rerank")
     model_args(q)
-    q.add_argument("--index", required=True)
-    q.add_argument("--text", required=True)
-    q.add_argument("--k", type=int, default=10)
-    q.add_argument("--candidates", type=int, default=100)
+    q.add_argument("--index", required=True, help="the index directory")
+    q.add_argument("--text", required=True, help="the query")
+    q.add_argument("--k", type=int, default=10, help="results to print")
+    q.add_argument("--candidates", type=int, default=100, help="two-tower candidates recalled")
     q.add_argument("--rerank-k", dest="rerank_k", type=int, default=20, help="0 = no rerank")
     filter_args(q)
     q.set_defaults(func=cmd_index_search)
 
     sv = sub.add_parser("serve", help="run the HTTP API and web page (settings: FASHIONBERT_* environment variables)")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on")
     sv.add_argument("--model", help="model directory (default: FASHIONBERT_MODEL_DIR or data/model)")
     sv.add_argument("--index", help="index directory (default: FASHIONBERT_INDEX_DIR or data/index)")
-    sv.add_argument("--threads", type=int)
+    sv.add_argument("--threads", type=int, help="ONNX Runtime and FAISS threads (default: FASHIONBERT_THREADS or all cores)")
     sv.set_defaults(func=cmd_serve)
+    for sub_parser in _subparsers(parser):
+        sub_parser.formatter_class = _HelpFormatter
     return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    """Every parser below this one, depth first."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                yield child
+                yield from _subparsers(child)
 
 
 def _cuda() -> bool:

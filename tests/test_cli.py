@@ -68,3 +68,22 @@ def test_existing_demo_is_not_overwritten(tmp_path):
     assert proc.returncode == 2 and "pass --overwrite" in proc.stderr
     assert len((tmp_path / "d" / "catalog.jsonl").read_text().splitlines()) == 2
     assert all(json.loads(l)["id"] for l in (tmp_path / "d" / "catalog.jsonl").read_text().splitlines())
+
+
+def test_the_cli_explains_itself():
+    import argparse
+
+    from fashionbert.cli import _subparsers, build_parser
+
+    parser = build_parser()
+    top = fashionbert("--help").stdout
+    stages = ["catalog", "features", "train", "eval", "calibrate", "export", "index", "serve"]
+    listed = [line.split()[0] for line in top.splitlines() if line.startswith("    ") and line.split()[0] in stages]
+    assert listed == stages  # in the order data flows
+    for sub in _subparsers(parser):
+        for action in sub._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert action.help, f"{sub.prog} {'/'.join(action.option_strings) or action.dest}: no help line"
+    build_help = fashionbert("index", "build", "--help").stdout
+    assert "(default: 16)" in " ".join(build_help.split())  # defaults are shown
