@@ -11,7 +11,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from tqdm import tqdm
 from .demo_render import render
 from .demo_spec import ProductSpec, make_spec
 from .readers import FASHIONGEN_FILES, JSONL_NAME
-from ..atomic import replace_dir
+from ..atomic import staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +92,14 @@ def generate(out: str | os.PathLike, n: int = DEFAULT_N, seed: int = 0, fmt: str
         raise ValueError(f"unknown format {fmt!r}: use jsonl or fashiongen")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty: pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     start = time.perf_counter()
     val = validation_indices(seed, n, validation_share)
-    try:
+    with staged_dir(out) as tmp:
         if fmt == "jsonl":
             _write_jsonl(tmp, n, seed, val, workers)
         else:
             _write_fashiongen(tmp, n, seed, val, workers)
         seconds = time.perf_counter() - start
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return DemoResult(out=out, n=n, n_validation=len(val), seconds=seconds)
 
 

@@ -102,6 +102,7 @@ def staged_dir(target: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        _fsync_dir(tmp)
         replace_dir(tmp, target)
     finally:
         if tmp.exists():

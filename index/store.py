@@ -23,15 +23,12 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
-import os
-import shutil
 import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import faiss
 import numpy as np
@@ -40,13 +37,13 @@ from tqdm import tqdm
 
 from ..catalog.images import image_hash
 from ..catalog.items import CatalogItem
-from ..atomic import replace_dir
+from ..atomic import staged_dir, staged_file, write_text
 from ..runtime.feature_store import FeatureCacheError, FeatureStore
+from .patches import IndexError_, PatchFile
+from .vectors import IndexConfig, new_faiss
 
 log = logging.getLogger(__name__)
 FORMAT = "fashionbert-index/1"
-KINDS = ("flat", "ivf", "hnsw")
-PATCH_DTYPES = ("float16", "int8")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     row INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -63,33 +60,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 DISPLAY = ("id", "product_id", "name", "description", "category", "subcategory", "gender", "price")
 
 
-class IndexError_(ValueError):
-    """The index is missing, damaged, or does not fit the model."""
-
-
 class IndexMismatch(IndexError_):
     pass
-
-
-@dataclass
-class IndexConfig:
-    kind: str = "flat"
-    nlist: int | None = None  # ivf: lists (default about 4 * sqrt(items))
-    nprobe: int = 16  # ivf: lists visited per query
-    hnsw_m: int = 32
-    ef_construction: int = 80
-    ef_search: int = 128
-    patch_dtype: str = "float16"
-    batch_size: int = 32
-    jpeg_quality: int = 90
-
-    def validate(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown index kind {self.kind!r}: use {', '.join(KINDS)}")
-        if self.patch_dtype not in PATCH_DTYPES:
-            raise ValueError(f"unknown patch dtype {self.patch_dtype!r}: use {', '.join(PATCH_DTYPES)}")
-        if self.nprobe < 1 or self.hnsw_m < 4 or self.ef_search < 1 or self.batch_size < 1:
-            raise ValueError("nprobe, ef_search and batch_size must be positive and hnsw_m at least 4")
 
 
 @dataclass
@@ -130,78 +102,6 @@ def _jpeg(pixels: np.ndarray, quality: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class PatchFile:
-    """Fixed-size records of patch states, appended by row number, read through a memory map."""
-
-    def __init__(self, directory: Path, patches: int, hidden: int, dtype: str):
-        self.path, self.scales_path = directory / "patches.bin", directory / "patch_scales.bin"
-        self.patches, self.hidden, self.dtype = patches, hidden, np.dtype(dtype)
-        self.record = patches * hidden * self.dtype.itemsize
-        self._map: np.memmap | None = None
-        self._scales: np.memmap | None = None
-        self._lock = threading.Lock()
-        for p in (self.path, self.scales_path) if dtype == "int8" else (self.path,):
-            p.touch(exist_ok=True)
-
-    @property
-    def bytes_per_item(self) -> int:
-        return self.record + (self.patches * 2 if self.dtype == np.int8 else 0)
-
-    def write(self, first_row: int, states: np.ndarray) -> None:
-        """Rows first_row.. get these (n, P, H) float states; flushed to disk before returning."""
-        if self.dtype == np.int8:
-            scale = np.maximum(np.abs(states).max(-1, keepdims=True), 1e-8) / 127.0  # per patch
-            data = np.clip(np.rint(states / scale), -127, 127).astype(np.int8)
-            self._write(self.scales_path, first_row * self.patches * 2, scale[..., 0].astype(np.float16).tobytes())
-        else:
-            data = states.astype(np.float16)
-        self._write(self.path, first_row * self.record, np.ascontiguousarray(data).tobytes())
-
-    @staticmethod
-    def _write(path: Path, offset: int, payload: bytes) -> None:
-        with open(path, "r+b") as f:
-            f.seek(offset)
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def _maps(self, needed_row: int) -> tuple[np.memmap, np.memmap | None]:
-        with self._lock:
-            if self._map is None or self._map.shape[0] <= needed_row:
-                rows = os.path.getsize(self.path) // self.record
-                if rows <= needed_row:
-                    raise IndexError_(f"{self.path} has no patch states for row {needed_row}: the index is damaged; rebuild it")
-                self._map = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(rows, self.patches, self.hidden))
-                if self.dtype == np.int8:
-                    self._scales = np.memmap(self.scales_path, dtype=np.float16, mode="r", shape=(rows, self.patches))
-            return self._map, self._scales
-
-    def read(self, rows: Iterable[int]) -> np.ndarray:
-        """(K, P, H) float32 patch states of these rows."""
-        rows = np.asarray(list(rows), dtype=np.int64)
-        if not len(rows):
-            return np.zeros((0, self.patches, self.hidden), dtype=np.float32)
-        data, scales = self._maps(int(rows.max()))
-        out = data[rows].astype(np.float32)
-        if scales is not None:
-            out *= scales[rows].astype(np.float32)[..., None]
-        return out
 
 
 class CatalogIndex:
@@ -320,7 +220,7 @@ class CatalogIndex:
             log.warning("%s: the vector file is behind the item database (an interrupted update?); rebuilding it.", self.dir)
             rows, emb = self.embeddings()
             base = faiss.read_index(str(files[-1][1])) if files else None
-            index = _new_faiss(self.config, self.embed_dim, emb, trained=base)
+            index = new_faiss(self.config, self.embed_dim, emb, trained=base)
             if len(rows):
                 index.add_with_ids(emb, rows)
             self._save_vectors(index, gen)
@@ -334,12 +234,8 @@ class CatalogIndex:
             faiss.downcast_index(index.index).hnsw.efSearch = self.config.ef_search
 
     def _save_vectors(self, index, gen: int) -> None:
-        tmp = self.dir / f"vectors.{gen}.faiss.tmp"
-        faiss.write_index(index, str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / f"vectors.{gen}.faiss")
-        _fsync_dir(self.dir)
+        with staged_file(self.dir / f"vectors.{gen}.faiss") as tmp:
+            faiss.write_index(index, str(tmp))
         for g, p in self._vector_files():
             if g < gen:
                 p.unlink(missing_ok=True)
@@ -485,27 +381,6 @@ def _insert(db: sqlite3.Connection, first_row: int, items: list[CatalogItem], em
                    "metadata, image, embedding) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", records)
 
 
-def _new_faiss(cfg: IndexConfig, dim: int, train: np.ndarray, trained=None):
-    """An empty FAISS index of the configured kind whose ids are SQLite row numbers."""
-    if cfg.kind == "flat":
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    if cfg.kind == "hnsw":
-        hnsw = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        hnsw.hnsw.efConstruction = cfg.ef_construction
-        return faiss.IndexIDMap2(hnsw)
-    if trained is not None:
-        index = trained
-        index.reset()
-    else:
-        nlist = cfg.nlist or max(1, min(int(4 * math.sqrt(max(len(train), 1))), len(train) // 39 or 1))
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(np.ascontiguousarray(train, dtype=np.float32))
-    # A hash-table direct map lets remove_ids and reconstruct find any id.
-    index.set_direct_map_type(faiss.DirectMap.Hashtable)
-    return index
-
-
 def encode_items(model, items: list[CatalogItem], batch_size: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     embs, states = [], []
     for i in tqdm(range(0, len(items), batch_size), desc="Encoding images", unit="batch", disable=not progress):
@@ -604,62 +479,53 @@ def build(model, catalog, out: str | Path, cfg: IndexConfig = IndexConfig(), spl
     out = Path(out)
     if out.exists() and not overwrite and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty: pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed build
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     start = time.perf_counter()
     cached = None
-    try:
-        records = catalog.records(split)
-        if not records:
-            raise ValueError(f"the catalog has no {split} items to index")
-        db = sqlite3.connect(tmp / "items.sqlite", isolation_level=None)
-        db.executescript(SCHEMA)
-        db.execute("INSERT INTO meta VALUES ('generation', '1')")
-        patches = PatchFile(tmp, model.num_patches, model.hidden_size, cfg.patch_dtype)
-        row, encode_seconds, reused = 1, 0.0, 0
-        all_emb = []
-        cached = CachedFeatures.open(features, model, features_explicit)
-        bar = tqdm(total=len(records), desc="Indexing images", unit="img", disable=not progress, mininterval=0.5)
-        db.execute("BEGIN")
-        for batch in _batched(catalog.items(split), cfg.batch_size):
-            t0 = time.perf_counter()
-            emb, states, from_cache = encode_batch(model, batch, cached)
-            reused += from_cache
-            encode_seconds += time.perf_counter() - t0
-            patches.write(row, states)
-            _insert(db, row, batch, emb, cfg.jpeg_quality)
-            all_emb.append(emb)
-            row += len(batch)
-            bar.update(len(batch))
-        db.execute("COMMIT")
-        bar.close()
-        db.close()
-        emb = np.concatenate(all_emb).astype(np.float32)
-        n = len(emb)
-        index = _new_faiss(cfg, model.embed_dim, emb)
-        index.add_with_ids(emb, np.arange(1, n + 1, dtype=np.int64))
-        faiss.write_index(index, str(tmp / "vectors.1.faiss"))
-        sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
-        manifest = {"format": FORMAT, "model_hash": model.model_hash, "embed_dim": model.embed_dim,
-                    "hidden_size": model.hidden_size, "num_patches": model.num_patches, "config": asdict(cfg),
-                    "items_at_build": n, "split": split, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "seconds": round(time.perf_counter() - start, 1), "encode_images_per_s": round(n / max(encode_seconds, 1e-9), 1),
-                    "from_cached_features": reused,
-                    "bytes_per_item": {"patch_states": patches.bytes_per_item,
-                                       "total_on_disk": round(sum(sizes.values()) / n)}}
-        _write_json(tmp / "manifest.json", manifest)
-        _fsync_dir(tmp)
-        replace_dir(tmp, out)
-    finally:
-        if cached is not None:
-            cached.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with staged_dir(out) as tmp:
+        try:
+            records = catalog.records(split)
+            if not records:
+                raise ValueError(f"the catalog has no {split} items to index")
+            db = sqlite3.connect(tmp / "items.sqlite", isolation_level=None)
+            db.executescript(SCHEMA)
+            db.execute("INSERT INTO meta VALUES ('generation', '1')")
+            patches = PatchFile(tmp, model.num_patches, model.hidden_size, cfg.patch_dtype)
+            row, encode_seconds, reused = 1, 0.0, 0
+            all_emb = []
+            cached = CachedFeatures.open(features, model, features_explicit)
+            bar = tqdm(total=len(records), desc="Indexing images", unit="img", disable=not progress, mininterval=0.5)
+            db.execute("BEGIN")
+            for batch in _batched(catalog.items(split), cfg.batch_size):
+                t0 = time.perf_counter()
+                emb, states, from_cache = encode_batch(model, batch, cached)
+                reused += from_cache
+                encode_seconds += time.perf_counter() - t0
+                patches.write(row, states)
+                _insert(db, row, batch, emb, cfg.jpeg_quality)
+                all_emb.append(emb)
+                row += len(batch)
+                bar.update(len(batch))
+            db.execute("COMMIT")
+            bar.close()
+            db.close()
+            emb = np.concatenate(all_emb).astype(np.float32)
+            n = len(emb)
+            index = new_faiss(cfg, model.embed_dim, emb)
+            index.add_with_ids(emb, np.arange(1, n + 1, dtype=np.int64))
+            with staged_file(tmp / "vectors.1.faiss") as vectors:
+                faiss.write_index(index, str(vectors))
+            sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
+            manifest = {"format": FORMAT, "model_hash": model.model_hash, "embed_dim": model.embed_dim,
+                        "hidden_size": model.hidden_size, "num_patches": model.num_patches, "config": asdict(cfg),
+                        "items_at_build": n, "split": split, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        "seconds": round(time.perf_counter() - start, 1), "encode_images_per_s": round(n / max(encode_seconds, 1e-9), 1),
+                        "from_cached_features": reused,
+                        "bytes_per_item": {"patch_states": patches.bytes_per_item,
+                                           "total_on_disk": round(sum(sizes.values()) / n)}}
+            write_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
+        finally:
+            if cached is not None:
+                cached.close()
     log.info("Indexed %d items into %s (%s, %.0f images/s encoding, %d of them from cached patch features, %d bytes "
              "of patch states per item) in %.0f s.", n, out, cfg.kind, manifest["encode_images_per_s"], reused,
              patches.bytes_per_item, manifest["seconds"])
