@@ -29,7 +29,8 @@ from fashionbert.runtime.exported import ExportedModel
 from fashionbert.index.search import Searcher
 from fashionbert.index.store import CatalogIndex, build
 from fashionbert.model.export import ExportConfig, export
-from fashionbert.model.train import TrainConfig, train
+from fashionbert.model.config import TrainConfig
+from fashionbert.model.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

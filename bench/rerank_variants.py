@@ -4,7 +4,7 @@
 
 Speed: one real validation caption against K real stored patch states, as a /search rerank runs
 it (text states once, the fusion layers over K pairs); contenders timed in interleaved blocks
-(model/export.py: time_side_by_side), medians. Achieved GFLOP/s counts the matrix products of
+(model/variant_choice.py: time_side_by_side), medians. Achieved GFLOP/s counts the matrix products of
 the fusion layers and is set against this machine's dense matrix-product peak, measured in the
 same run. Quality: paper-protocol R@1 of every variant on the same draw (one draw, 100
 same-subcategory negatives, `--queries` per direction), so differences are paired.
@@ -19,11 +19,27 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from fashionbert.model.export import VariantBench, split_items, time_side_by_side
+from fashionbert.model.export import split_items
 from fashionbert.model.fashionbert import load_model
 from fashionbert.model.features import cpu_supports_bf16
+from fashionbert.model.protocol import protocol_ranks
+from fashionbert.model.variant_choice import VariantBench, time_side_by_side
+
+
+def protocol_r1(bench: VariantBench, subcategory: np.ndarray, variant: str, queries: int, seed: int = 0) -> dict[str, float]:
+    """Paper-protocol R@1 of a variant, both directions: one draw, 100 same-subcategory negatives
+    (model/protocol.py), over the bench's items (one per product), scored by the variant's logit."""
+    rt, text, states = bench.session(variant), bench.text, bench.patch_states
+
+    def score(t_rows, v_rows):
+        width = int(text.mask[t_rows].sum(1).max())
+        return rt.match_logits(text.states[t_rows, :width], text.mask[t_rows, :width], states[v_rows])
+
+    ranks = protocol_ranks(score, np.arange(bench.n), subcategory, queries, seed=seed)
+    return {"t2i_R@1": float(np.mean(ranks["t2i"] == 1) * 100), "i2t_R@1": float(np.mean(ranks["i2t"] == 1) * 100)}
 
 
 def gemm_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
@@ -81,7 +97,10 @@ def main() -> None:
     torch_model, _ = load_model(Path(args.run) / "model")
     torch_model.float().eval()
 
-    bench = VariantBench(Path(args.model), split_items(catalog, "validation"))
+    items = split_items(catalog, "validation")
+    bench = VariantBench(Path(args.model), items)
+    subcats = {s: i for i, s in enumerate(sorted({it.subcategory for it in items}))}
+    subcategory = np.array([subcats[it.subcategory] for it in items])
     contenders = {"PyTorch eager fp32": bench.torch_fn(torch_model)}
     if cpu_supports_bf16():
         contenders["PyTorch eager bf16 autocast"] = bench.torch_fn(torch_model, bf16=True)
@@ -115,7 +134,7 @@ def main() -> None:
         print("| --- | ---: | ---: | ---: |")
         ref = None
         for v in manifest["cross_encoder_variants"]:
-            q = bench.quality(v, args.queries)
+            q = protocol_r1(bench, subcategory, v, args.queries)
             ref = ref or q
             print(f"| {v} | {q['t2i_R@1']:.2f} | {q['i2t_R@1']:.2f} | {q['t2i_R@1'] - ref['t2i_R@1']:+.2f} / "
                   f"{q['i2t_R@1'] - ref['i2t_R@1']:+.2f} |")

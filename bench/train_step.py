@@ -22,11 +22,14 @@ import torch
 from fashionbert.catalog.readers import open_catalog
 from fashionbert.model.adaptive_loss import AdaptiveLossWeights
 from fashionbert.model.data import SplitData, load_split
-from fashionbert.model.fashionbert import default_backbone, from_pretrained_bert
+from fashionbert.model.batches import epoch_batches
+from fashionbert.model.config import TrainConfig, new_model
+from fashionbert.model.fashionbert import default_backbone
 from fashionbert.runtime.feature_store import FeatureStore, default_features_path
 from fashionbert.model.features import resolve_precision
 from fashionbert.runtime.tokenizer import CaptionTokenizer
-from fashionbert.model.train import TrainConfig, epoch_batches, param_groups, step_losses
+from fashionbert.model.losses import step_losses
+from fashionbert.model.optim import param_groups
 
 VARIANTS = {
     "default": {},
@@ -44,10 +47,7 @@ class Runner:
         self.name, self.cfg = name, TrainConfig(**overrides)
         self.data, self.tok = data, tok
         torch.manual_seed(0)
-        model, _ = from_pretrained_bert(None, num_patches=data.feats.shape[1], patch_dim=data.feats.shape[2],
-                                        max_text_len=self.cfg.max_text_len, fusion_layers=self.cfg.fusion_layers,
-                                        dropout=self.cfg.dropout)
-        model.separate_fusion_layers()
+        model, _ = new_model(self.cfg, num_patches=data.feats.shape[1], patch_dim=data.feats.shape[2])
         self.model = model.train()
         self.optimizer = torch.optim.AdamW(param_groups(model, self.cfg), weight_decay=self.cfg.weight_decay)
         self.weighting = AdaptiveLossWeights(list(self.cfg.tasks), self.cfg.loss_weighting)

@@ -98,7 +98,8 @@ def cmd_features(args) -> int:
 def cmd_train(args) -> int:
     import json
 
-    from .model.train import TrainConfig, train
+    from .model.config import TrainConfig
+    from .model.train import train
 
     options = json.loads(open(args.config).read()) if args.config else {}
     if not isinstance(options, dict):

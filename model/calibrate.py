@@ -1,7 +1,8 @@
 """`fashionbert calibrate`: fit the rerank's cross-encoder weight on products a run never trained on.
 
 The demo pipeline renders a small second demo catalog with another seed (the same generator, other
-products) and fits on it; with a catalog of your own, hold out products of your own. See
+products) and fits on it; with a catalog of your own, hold out products of your own, or let
+training hold some out (`calibration_products`: training fits the weight on them at its end). See
 runtime/scoring.py for what the weight is and why it is fitted.
 """
 
@@ -14,12 +15,54 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import write_text
+from .config import TrainConfig
+from .data import SplitData
 from .evaluate import read_split
-from .fashionbert import load_model
+from .fashionbert import FashionBert, load_model
 from .features import resolve_precision
-from .train import calibrate_rerank
+from .pair_scorer import PairScorer
+from ..runtime.scoring import fit_cross_weight, reciprocal_ranks
 
 log = logging.getLogger(__name__)
+
+
+def calibration_products(catalog, cfg: TrainConfig) -> frozenset[str]:
+    """The training products held out to fit the rerank weight: a seeded draw, the same on a resume."""
+    products = list(dict.fromkeys(r.product_id for r in catalog.records("train")))
+    n = min(cfg.calibration_products, len(products) // 10)
+    if n < 20:
+        if cfg.calibration_products:
+            log.info("Only %d training products: none held out to fit the rerank weight (it stays 1).", len(products))
+        return frozenset()
+    return frozenset(products[i] for i in np.random.default_rng([cfg.seed, 11]).choice(len(products), n, replace=False))
+
+
+def calibrate_rerank(run: Path, model: FashionBert, meta: dict, data: SplitData, rerank_k: int, device: torch.device,
+                     autocast, source: str = "held-out training products") -> dict:
+    """Fit the rerank's cross-encoder weight on products the model never trained on (`data`), with
+    the run's best model (`model` and `meta`, as loaded from RUN/model), and record it in that
+    config.json, where evaluation and export read it."""
+    model.to(device)
+    k = min(rerank_k, len(data))
+    with autocast():
+        scorer = PairScorer(model, data)
+        sim = scorer.similarity()
+        top = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+        cross = scorer.logits(np.repeat(np.arange(len(data)), k), top.reshape(-1)).reshape(len(data), k)
+    tower = float(model.itc.scale().detach()) * np.take_along_axis(sim, top, 1)
+    hit = data.product[top] == data.product[:, None]
+    weight, mrr = fit_cross_weight(cross, tower, hit)
+    first = lambda scores: float(np.mean(reciprocal_ranks(scores, hit) == 1.0))  # noqa: E731
+    rerank = {"cross_weight": weight, "fitted_on": len(data), "source": source, "K": k,
+              "criterion": "mean reciprocal rank in the top K",
+              "R@1_two_tower": first(tower), "R@1_fitted": first(weight * cross + tower), "R@1_weight_1": first(cross + tower),
+              "mrr_by_weight": {str(w): round(v, 5) for w, v in mrr.items()}}
+    write_text(run / "model" / "config.json", json.dumps({**meta, "rerank": rerank}, indent=2))
+    log.info("Rerank weight on the cross-encoder logit: %.2f, fitted on %d %s "
+             "(their R@1 in a top %d: two-tower %.3f, reranked %.3f; with weight 1: %.3f).", weight, len(data), source, k,
+             rerank["R@1_two_tower"], rerank["R@1_fitted"], rerank["R@1_weight_1"])
+    return rerank
 
 
 def calibrate(run: str | Path, catalog_path: str | Path, split: str = "all", features_path: str | Path | None = None,

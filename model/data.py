@@ -83,12 +83,24 @@ def load_split(catalog: Catalog, split: str, features: FeatureStore, tokenizer: 
     )
 
 
-def negatives_by_subcategory(data: SplitData, row: int, n: int, rng: np.random.Generator) -> np.ndarray:
-    """n rows of other products, from the row's subcategory first, topped up from the others."""
-    other = data.product != data.product[row]
-    same = np.flatnonzero(other & (data.subcategory == data.subcategory[row]))
+def subcategory_first(rng: np.random.Generator, candidates: np.ndarray, subcategory: np.ndarray, sub: int,
+                      n: int) -> np.ndarray:
+    """n of the `candidates` rows (a boolean mask), drawn without replacement from subcategory `sub`
+    first and topped up from the others: the paper protocol's negatives, and TIA's random ones."""
+    same = np.flatnonzero(candidates & (subcategory == sub))
     picked = rng.choice(same, min(n, len(same)), replace=False)
     if len(picked) < n:
-        rest = np.flatnonzero(other & (data.subcategory != data.subcategory[row]))
+        rest = np.flatnonzero(candidates & (subcategory != sub))
         picked = np.concatenate([picked, rng.choice(rest, n - len(picked), replace=False)])
     return picked
+
+
+def negatives_by_subcategory(data: SplitData, row: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n rows of other products, from the row's subcategory first, topped up from the others."""
+    return subcategory_first(rng, data.product != data.product[row], data.subcategory, data.subcategory[row], n)
+
+
+def first_row_per_product(product) -> np.ndarray:
+    """The first row of each product (product ids or indices, one per row), in row order."""
+    _, first = np.unique(np.asarray(product), return_index=True)
+    return np.sort(first)

@@ -1,10 +1,11 @@
-"""`fashionbert eval`: the paper's protocol, text-image matching, and full-gallery retrieval as the service does it.
+"""`fashionbert eval`: the paper's protocol, text-image matching, and full-gallery retrieval as the service does it;
+and training's quick check after each epoch.
 
-- Paper protocol (FashionBERT Table 1): each query (a caption, or an image) is ranked against its
-  positive and `negatives` candidates of other products from the same subcategory (topped up
-  from other subcategories when it has fewer), scored by the cross-encoder's match probability.
-  Rank@1/5/10 for image->text and text->image; mean and spread over `draws` draws with fixed
-  seeds. Ties count against the query (a negative scoring the same ranks ahead).
+- Paper protocol (FashionBERT Table 1, model/protocol.py): each query (a caption, or an image)
+  is ranked against its positive and `negatives` candidates of other products from the same
+  subcategory (topped up from other subcategories when it has fewer), scored by the
+  cross-encoder's match probability. Rank@1/5/10 for image->text and text->image; mean and
+  spread over `draws` draws with fixed seeds.
 - Matching: every validation product's true pair and one sampled same-subcategory negative;
   accuracy at probability 0.5 and AUC.
 - Full gallery: each caption against every validation image. Two-tower only, then two-tower
@@ -24,17 +25,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..atomic import write_text
 from ..catalog.readers import open_catalog
-from .data import SplitData, ensure_features, load_split, negatives_by_subcategory
+from .config import TrainConfig
+from .data import SplitData, ensure_features, first_row_per_product, load_split, negatives_by_subcategory
 from ..runtime.feature_store import FeatureStore, default_features_path
 from .features import resolve_precision
 from .fashionbert import FashionBert, load_model
+from .pair_scorer import PairScorer
+from .protocol import paper_protocol, recall_at
 from ..runtime.scoring import cross_weight
 from ..runtime.tokenizer import CaptionTokenizer
-from .train import PairScorer
 
 log = logging.getLogger(__name__)
-KS = (1, 5, 10)
 
 
 @dataclass
@@ -51,16 +54,6 @@ class EvalConfig:
     seed: int = 0
 
 
-def rank_of_positive(scores: np.ndarray) -> int:
-    """scores[0] is the positive; 1 + the number of candidates scoring at least as high."""
-    return 1 + int((scores[1:] >= scores[0]).sum())
-
-
-def recall_at(ranks, ks=KS) -> dict[str, float]:
-    ranks = np.asarray(ranks)
-    return {f"R@{k}": float(np.mean(ranks <= k)) * 100 for k in ks}
-
-
 def auc(pos: np.ndarray, neg: np.ndarray) -> float:
     """Probability that a random positive outscores a random negative (ties count half)."""
     scores = np.concatenate([pos, neg])
@@ -73,46 +66,8 @@ def auc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
-def one_row_per_product(data: SplitData) -> np.ndarray:
-    _, first = np.unique(data.product, return_index=True)
-    return np.sort(first)
-
-
-def paper_protocol(score, data: SplitData, cfg: EvalConfig, progress: bool = True) -> dict:
-    """`score(text_rows, image_rows)` -> match probability per pair (the cross-encoder, in practice)."""
-    products = one_row_per_product(data)
-    draws = {"t2i": [], "i2t": []}
-    total = cfg.draws * 2 * min(cfg.queries, len(products))
-    bar = tqdm(total=total, desc="Paper protocol", unit="query", disable=not progress, mininterval=1.0)
-    view = data.subset(products)
-    for draw in range(cfg.draws):
-        rng = np.random.default_rng([cfg.seed, draw])
-        queries = rng.choice(len(products), min(cfg.queries, len(products)), replace=False)
-        ranks = {"t2i": [], "i2t": []}
-        for q in queries:
-            negs = negatives_by_subcategory(view, int(q), cfg.negatives, rng)
-            candidates = np.concatenate([[q], negs])
-            rows = products[candidates]
-            # text -> image: the query's caption with each candidate image
-            ranks["t2i"].append(rank_of_positive(score(np.full(len(rows), products[q]), rows)))
-            # image -> text: the query's image with each candidate caption
-            ranks["i2t"].append(rank_of_positive(score(rows, np.full(len(rows), products[q]))))
-            bar.update(2)
-        for d in ranks:
-            draws[d].append(recall_at(ranks[d]))
-    bar.close()
-    out = {}
-    for d, per_draw in draws.items():
-        out[d] = {k: {"mean": float(np.mean([r[k] for r in per_draw])), "std": float(np.std([r[k] for r in per_draw])),
-                      "draws": [r[k] for r in per_draw]} for k in per_draw[0]}
-    out["queries_per_draw"] = int(min(cfg.queries, len(products)))
-    out["candidates"] = cfg.negatives + 1
-    out["chance_R@1"] = 100 / (cfg.negatives + 1)
-    return out
-
-
 def matching(score, data: SplitData, cfg: EvalConfig) -> dict:
-    products = one_row_per_product(data)
+    products = first_row_per_product(data.product)
     view = data.subset(products)
     rng = np.random.default_rng([cfg.seed, 99])
     negs = np.array([negatives_by_subcategory(view, i, 1, rng)[0] for i in range(len(products))])
@@ -131,7 +86,7 @@ def full_gallery(score, sim: np.ndarray, data: SplitData, cfg: EvalConfig, progr
     two-tower cosine, where cross_weight was fitted on products the model never trained on
     (runtime/scoring.py), never on evaluation data.
     """
-    products = one_row_per_product(data)
+    products = first_row_per_product(data.product)
     rng = np.random.default_rng([cfg.seed, 42])
     queries = np.sort(rng.choice(products, min(cfg.gallery_queries, len(products)), replace=False))
     two_tower, reranked, fused = [], [], []
@@ -163,6 +118,29 @@ def full_gallery(score, sim: np.ndarray, data: SplitData, cfg: EvalConfig, progr
 def _first_hit(order: np.ndarray, product: np.ndarray, target: int) -> int:
     hits = np.flatnonzero(product[order] == target)
     return int(hits[0]) + 1 if len(hits) else 10**9
+
+
+def quick_validation(model: FashionBert, data: SplitData, cfg: TrainConfig, autocast) -> dict[str, float]:
+    """Training's check after each epoch: two-tower R@1 over the validation subset, and R@1 after
+    reranking `cfg.val_queries` captions' top 10 the way the service does (cross-encoder logit +
+    two-tower logit)."""
+    model.eval()
+    with autocast():
+        scorer = PairScorer(model, data)
+        sim = scorer.similarity()
+        same = data.product[:, None] == data.product[None, :]
+        best_true = np.where(same, sim, -np.inf).max(1)
+        two_tower_r1 = float(np.mean((np.where(same, -np.inf, sim) < best_true[:, None]).all(1)))
+        queries = np.random.default_rng(cfg.seed).choice(len(data), min(cfg.val_queries, len(data)), replace=False)
+        itc_scale = float(model.itc.scale().detach())
+        hits = 0
+        for q in queries:
+            top = np.argsort(-sim[q])[:10]
+            scores = scorer.logits(np.full(len(top), q), top) + itc_scale * sim[q, top]
+            hits += bool(data.product[top[int(np.argmax(scores))]] == data.product[q])
+    model.train()
+    rerank_r1 = hits / len(queries)
+    return {"two_tower_r1": two_tower_r1, "rerank_r1": rerank_r1, "score": (two_tower_r1 + rerank_r1) / 2}
 
 
 def markdown(result: dict) -> str:
@@ -222,7 +200,7 @@ def evaluate(run: str | Path, catalog_path: str | Path, cfg: EvalConfig, feature
     out_dir = run / "eval"
     out_dir.mkdir(exist_ok=True)
     name = out_name or cfg.split
-    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
-    (out_dir / f"{name}.md").write_text(markdown(result))
+    write_text(out_dir / f"{name}.json", json.dumps(result, indent=2))
+    write_text(out_dir / f"{name}.md", markdown(result))
     log.info("Evaluation written to %s (%.0f s).", out_dir / f"{name}.md", result["seconds"])
     return result

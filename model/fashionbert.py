@@ -48,7 +48,7 @@ class FashionBertConfig:
     max_position: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
-    dropout: float = 0.1
+    dropout: float = 0.0  # as TrainConfig's (docs/design.md, "Training")
     patch_dim: int = FEATURE_DIM
     num_patches: int = GRID * GRID  # 1 for global features
     embed_dim: int = 256

@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from ..atomic import staged_file, write_text
 from ..catalog.images import image_hash, to_model_image
 from ..catalog.readers import Catalog
 from ..runtime.feature_store import FORMAT_VERSION, IDENTITY_ATTRS, FeatureCacheError, FeatureStore
@@ -87,12 +88,10 @@ class _Parts:
     def add(self, ids: list[str], hashes: list[str], feats: np.ndarray) -> None:
         stem = self.root / f"part-{self._n:05d}"
         self._n += 1
-        with open(stem.with_suffix(".npy.tmp"), "wb") as fh:
+        with staged_file(stem.with_suffix(".npy")) as tmp, open(tmp, "wb") as fh:
             np.save(fh, feats, allow_pickle=False)
-        os.replace(stem.with_suffix(".npy.tmp"), stem.with_suffix(".npy"))
-        tmp = stem.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"ids": ids, "hashes": hashes, "identity": self.identity}))
-        os.replace(tmp, stem.with_suffix(".json"))  # the json lands last: it marks the part complete
+        # The json lands last: it marks the part complete.
+        write_text(stem.with_suffix(".json"), json.dumps({"ids": ids, "hashes": hashes, "identity": self.identity}))
         mm = np.load(stem.with_suffix(".npy"), mmap_mode="r")
         for row, (item_id, h) in enumerate(zip(ids, hashes)):
             self.entries[item_id] = (h, mm, row)
@@ -214,9 +213,7 @@ def compute_features(catalog: Catalog, out: str | os.PathLike, extractor=None, *
 
 def _write(out: Path, order: list[str], hashes: dict[str, str], parts: _Parts, old, old_rows, identity) -> None:
     p, d = identity["patches"], identity["dim"]
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with staged_file(out) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs.update({**identity, "format_version": FORMAT_VERSION})
             f.create_dataset("ids", data=np.array(order, dtype=object), dtype=h5py.string_dtype())
@@ -235,7 +232,3 @@ def _write(out: Path, order: list[str], hashes: dict[str, str], parts: _Parts, o
                     block = []
             if block:
                 feats[start : start + len(block)] = np.stack(block)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -152,7 +152,7 @@ class OnnxPatchFeatureExtractor:
         import onnxruntime as ort
 
         from ..runtime.exported import session_options
-        from .export import export_module  # export imports this module at its top
+        from .onnx_export import export_module
 
         self.config = config
         with tempfile.TemporaryDirectory() as tmp, torch.no_grad():

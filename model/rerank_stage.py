@@ -6,7 +6,7 @@ of the fusion layers and the TIA head) are trained on training captions, each ag
 image and negatives drawn from the K images of other products nearest to it by two-tower
 similarity over the *whole* training set (at most MAX_ROWS rows): the lists the service
 reranks. Captions come in a shuffled order, `rerank_steps` steps of them (on the demo catalog, the
-default 400 steps reach half of the 4,800). The loss is the multitask TIA loss (model/train.py)
+default 400 steps reach half of the 4,800). The loss is the multitask TIA loss (model/losses.py)
 with the fused listwise part always on: a softmax over each list of
 the service's score (cross-encoder logit + the fixed two-tower logit), so the cross-encoder learns
 what the towers get wrong, plus the balanced match / no-match term that keeps /match's
@@ -25,11 +25,14 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from .config import TrainConfig
 from .data import SplitData
 from .fashionbert import FashionBert
+from .losses import tia_losses
+from .optim import lr_factor
+from .pair_scorer import PairScorer
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 8000  # training rows the stage encodes and draws from (a random subset of larger catalogs)
@@ -51,19 +54,6 @@ def rerank_candidates(text_emb: torch.Tensor, image_emb: torch.Tensor, product: 
     return out
 
 
-def tia_losses(logits: torch.Tensor, tower: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """TIA's two terms, shared by the multitask step and the rerank stage. logits (B, 1 + k), the
-    true image first; `tower` the fixed two-tower logits added for the listwise ranking -> the
-    listwise softmax over each row, and the binary cross-entropy with positives and negatives
-    counting equally."""
-    target = torch.zeros(len(logits), dtype=torch.long)
-    listwise = F.cross_entropy(logits + tower, target)
-    labels = torch.zeros_like(logits)
-    labels[:, 0] = 1
-    per_pair = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-    return listwise, (per_pair[:, 0].mean() + per_pair[:, 1:].mean()) / 2
-
-
 def cross_encoder_parameters(model: FashionBert) -> list[torch.nn.Parameter]:
     """The weights only the cross-encoder uses: training them leaves the towers untouched."""
     if not model.config.separate_fusion:
@@ -71,13 +61,11 @@ def cross_encoder_parameters(model: FashionBert) -> list[torch.nn.Parameter]:
     return list(model.fusion.parameters()) + list(model.tia.parameters())
 
 
-def train_rerank_stage(model: FashionBert, data: SplitData, cfg, autocast, progress: bool = True) -> dict:
+def train_rerank_stage(model: FashionBert, data: SplitData, cfg: TrainConfig, autocast, progress: bool = True) -> dict:
     """Train `model`'s cross-encoder weights in place for `cfg.rerank_steps` steps, at most
     `cfg.rerank_epochs` passes over the captions (and, if set, `cfg.rerank_max_minutes`, encoding
-    included). `cfg` is a TrainConfig. The lists are always ranked by the fused score (the
-    service's order), whatever `cfg.fused_listwise` says."""
-    from .train import PairScorer, lr_factor  # train imports this module
-
+    included). The lists are always ranked by the fused score (the service's order), whatever
+    `cfg.fused_listwise` says."""
     budget_s = cfg.rerank_max_minutes * 60 if cfg.rerank_max_minutes else None
 
     params = cross_encoder_parameters(model)  # fails early for a model without its own fusion layers

@@ -20,7 +20,9 @@ from fashionbert.catalog.readers import open_catalog
 from fashionbert.runtime.exported import ExportedModel, ModelError
 from fashionbert.index.search import Searcher
 from fashionbert.index.store import CatalogIndex, Filters, IndexConfig, IndexError_, IndexMismatch, build
-from fashionbert.model.export import CrossEncoder, ImageTower, TextTower, parity, protocol_ranks
+from fashionbert.model.export import parity
+from fashionbert.model.onnx_graphs import CrossEncoder, ImageTower, TextTower
+from fashionbert.model.protocol import protocol_ranks
 from fashionbert.model.fashionbert import load_model
 from fashionbert.model.features import FeatureConfig, PatchFeatureExtractor
 

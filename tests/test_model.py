@@ -8,16 +8,19 @@ import torch
 
 from fashionbert.catalog.readers import open_catalog
 from fashionbert.model.adaptive_loss import AdaptiveLossWeights, closed_form_weights, objective
+from fashionbert.model.config import TrainConfig
 from fashionbert.model.data import load_split, negatives_by_subcategory
-from fashionbert.model.evaluate import EvalConfig, auc, full_gallery, matching, paper_protocol, rank_of_positive, recall_at
+from fashionbert.model.evaluate import EvalConfig, auc, full_gallery, matching
 from fashionbert.model.fashionbert import (FashionBert, FashionBertConfig, default_backbone, from_pretrained_bert,
                                            load_model, pack, save_model)
 from fashionbert.model.feature_cache import compute_features
 from fashionbert.runtime.feature_store import FeatureStore
 from fashionbert.model.features import FeatureConfig, PatchFeatureExtractor
+from fashionbert.model.losses import step_losses
+from fashionbert.model.masking import mask_patches, whole_word_mask
+from fashionbert.model.optim import lr_factor, param_groups
+from fashionbert.model.protocol import paper_protocol, rank_of_positive, recall_at
 from fashionbert.runtime.tokenizer import CaptionTokenizer
-from fashionbert.model.train import (TrainConfig, lr_factor, mask_patches, mine_neighbours, param_groups, step_losses,
-                                     whole_word_mask)
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, dropout=0.0)
 
@@ -78,7 +81,7 @@ def test_shapes_and_padding_is_invisible(tok):
 
 def test_late_fusion_reuses_unimodal_states(demo_data):
     """Below the fusion layers nothing crosses modalities; the scorer's cached states give the same scores."""
-    from fashionbert.model.train import PairScorer
+    from fashionbert.model.pair_scorer import PairScorer
 
     model = tiny_model(num_layers=3, fusion_layers=1)
     assert model.config.unimodal_layers == 2
@@ -128,23 +131,18 @@ def test_a_few_steps_lower_every_task_loss(demo_data, tok):
         assert last[task] < first[task], (task, first[task], last[task])
 
 
-def test_mined_negatives_are_other_products_and_join_the_tia_pairs(demo_data, tok):
-    model = tiny_model().eval()
-    mined = mine_neighbours(model, demo_data, pool=5, use_images=False)
-    assert mined.shape == (len(demo_data), 5)
-    assert not (demo_data.product[mined] == demo_data.product[:, None]).any()  # never a pose of the same product
-    with_images = mine_neighbours(model, demo_data, pool=5, use_images=True)
-    assert not (demo_data.product[with_images] == demo_data.product[:, None]).any()
-    cfg = TrainConfig(batch_size=16, cross_texts=4, tia_negatives=3, subcategories_per_batch=2, mined_negatives=2)
-    model.train()
-    losses = step_losses(model, demo_data, np.arange(16), cfg, tok, np.random.default_rng(0), mined)
-    assert torch.isfinite(losses["tia"])
-    losses["tia"].backward()  # gradients reach the mined images' patch embeddings too
-    assert model.patch_embeddings.projection.weight.grad is not None
+def test_removed_experiments_load_only_switched_off():
+    """Options measured worse were removed (docs/experiments.md): a config naming one at its "off" value
+    (a summary's config, an old checkpoint's) still loads; one that turns it on is refused."""
+    cfg = TrainConfig.from_dict({"mined_negatives": 0, "mining_pool": 16, "tia_detached": False, "epochs": 2})
+    assert cfg == TrainConfig(epochs=2)
+    for on in ({"mined_negatives": 2}, {"tia_detached": True}):
+        with pytest.raises(ValueError, match="removed"):
+            TrainConfig.from_dict(on)
 
 
 def test_hard_negatives_are_the_batchs_nearest_other_products():
-    from fashionbert.model.train import pick_negatives
+    from fashionbert.model.batches import pick_negatives
 
     product = np.array([0, 0, 1, 2, 3, 4, 5, 6])  # rows 0 and 1 are two poses of one product
     subcategory = np.array([0, 0, 0, 0, 0, 1, 1, 1])
@@ -176,16 +174,15 @@ def test_separate_fusion_layers_leave_the_towers_alone(demo_data, tok, tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded.match_logits(ids, mask, feats), model.match_logits(ids, mask, feats))
     model.train()
-    for detached in (False, True):
-        model.zero_grad(set_to_none=True)
-        cfg = TrainConfig(batch_size=16, cross_texts=4, tia_negatives=3, hard_negatives=2, subcategories_per_batch=2,
-                          fused_listwise=True, masked_texts=2, separate_fusion=True, tia_detached=detached)
-        losses = step_losses(model, demo_data, np.arange(16), cfg, tok, np.random.default_rng(0))
-        losses["tia"].backward()
-        assert model.fusion.layer[0].output.dense.weight.grad is not None
-        # The towers' own top layer never sees TIA; the shared lower layers only when not detached.
-        assert model.encoder.layer[2].output.dense.weight.grad is None
-        assert (model.encoder.layer[0].output.dense.weight.grad is None) == detached
+    model.zero_grad(set_to_none=True)
+    cfg = TrainConfig(batch_size=16, cross_texts=4, tia_negatives=3, hard_negatives=2, subcategories_per_batch=2,
+                      fused_listwise=True, masked_texts=2, separate_fusion=True)
+    losses = step_losses(model, demo_data, np.arange(16), cfg, tok, np.random.default_rng(0))
+    losses["tia"].backward()
+    assert model.fusion.layer[0].output.dense.weight.grad is not None
+    # The towers' own top layer never sees TIA; the shared lower layers do.
+    assert model.encoder.layer[2].output.dense.weight.grad is None
+    assert model.encoder.layer[0].output.dense.weight.grad is not None
 
 
 def test_optimiser_groups_cover_every_weight_once():
@@ -252,8 +249,8 @@ def test_rerank_candidates_are_each_captions_nearest_other_products():
 
 def _fused_listwise(model, data, lists) -> float:
     """Mean listwise loss of the service's score over fixed lists (true image first)."""
-    from fashionbert.model.rerank_stage import tia_losses
-    from fashionbert.model.train import PairScorer
+    from fashionbert.model.losses import tia_losses
+    from fashionbert.model.pair_scorer import PairScorer
 
     with torch.no_grad():
         scorer = PairScorer(model, data)
@@ -265,8 +262,8 @@ def _fused_listwise(model, data, lists) -> float:
 def test_rerank_stage_trains_the_cross_encoder_and_leaves_the_towers_alone(demo_data):
     import contextlib
 
+    from fashionbert.model.pair_scorer import PairScorer
     from fashionbert.model.rerank_stage import rerank_candidates, train_rerank_stage
-    from fashionbert.model.train import PairScorer
 
     model = tiny_model(num_layers=3, fusion_layers=1)
     with pytest.raises(ValueError, match="separate_fusion"):  # it would move the towers' layers too
@@ -431,7 +428,7 @@ def test_the_rerank_weight_is_fitted_on_held_out_products_and_recorded(demo_data
     from contextlib import nullcontext
 
     from fashionbert.runtime.scoring import GRID, cross_weight
-    from fashionbert.model.train import calibrate_rerank
+    from fashionbert.model.calibrate import calibrate_rerank
 
     model = tiny_model(num_patches=demo_data.feats.shape[1], patch_dim=demo_data.feats.shape[2])
     save_model(model, tmp_path / "model", extra={"train": {"seed": 0}})
@@ -446,7 +443,7 @@ def test_the_rerank_weight_is_fitted_on_held_out_products_and_recorded(demo_data
 def test_neighbour_batches_group_near_duplicates():
     """Given caption embeddings with tight clusters, each group of a batch is one cluster."""
     from fashionbert.model.data import SplitData
-    from fashionbert.model.train import epoch_batches
+    from fashionbert.model.batches import epoch_batches
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(6, 16))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from fashionbert.runtime.scoring import GRID, cross_weight, fit_cross_weight, reciprocal_ranks
-from fashionbert.model.train import TrainConfig, calibration_products
+from fashionbert.model.calibrate import calibration_products
+from fashionbert.model.config import TrainConfig
 
 
 def test_reciprocal_ranks_by_hand():
