@@ -6,9 +6,10 @@ Starts `fashionbert serve` on a free 127.0.0.1 port, sends validation captions w
 POST /search (k 10, candidates 100) at concurrency 1, 4 and 16 for rerank_k 0, 10, 20 and 50,
 a fixed number of requests per cell (bounded in count and time), and reports p50/p95/p99
 latency, QPS, errors and 5xx, the server's peak RSS, and the share of server time per stage
-(from the responses' timings_ms). Then the gain from micro-batching: the same load at
-concurrency 16, rerank_k 20, with cross-request batching off (one request's pairs per run),
-on without waiting (the default) and on with a 2 ms wait, each in a fresh server.
+(from the responses' timings_ms). Then what micro-batching changes: the same load at
+concurrency 16, rerank_k 20, with cross-request batching off (the default: batch_max_pairs 1,
+batch_wait_ms 0, each request's pairs run alone), on without waiting (up to 64 pairs, whatever is
+queued) and on with a 2 ms wait, each in a fresh server.
 """
 
 from __future__ import annotations

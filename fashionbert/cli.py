@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train FashionBERT (MLM, MPM, TIA, ITC) with the adaptive loss")
     tr.add_argument("--catalog", required=True, help="the training catalog (its train split trains, validation checks)")
     tr.add_argument("--out", required=True, help="the run directory; an interrupted run in it resumes")
-    tr.add_argument("--config", help="a JSON file of training options (see model/train.py TrainConfig)")
+    tr.add_argument("--config", help="a JSON file of training options, any field of TrainConfig (model/config.py)")
     tr.add_argument("--features", help="the feature cache (default: features/<mode>.h5 beside the catalog directory)")
     tr.add_argument("--feature-mode", dest="feature_mode", choices=["grid", "crop", "global"], help="patch features (default grid)")
     tr.add_argument("--layers", type=int, help="keep the first N transformer layers of the backbone")

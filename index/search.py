@@ -1,14 +1,20 @@
-"""Search as the service runs it: text tower -> FAISS recall -> cross-encoder rerank of the top K.
+"""The one search pipeline: query tower -> FAISS recall -> cross-encoder rerank of the top K -> results.
+
+The CLI (`fashionbert index search`, through `Searcher`) and the service's POST /search
+(service/engine.py's Engine, which batches across requests) both run `SearchPipeline.search`;
+they differ only in the backend that runs the model and the index.
 
 The rerank orders the top K by the cross-encoder's match logit, times a weight fitted on products
 the model never trained on (manifest "cross_weight", runtime/scoring.py), plus the two-tower
 logit (the towers' learned inverse temperature times the cosine): the two models' evidence added.
 On the demo catalog this ordering measured far better than the cross-encoder alone and level with
-the towers alone at R@1, ahead at R@5 and R@10 (docs/results-history.md).
+the towers alone at R@1, ahead at R@5 and R@10 (docs/results-history.md). Image queries ("more
+like this") are recall only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -17,11 +23,6 @@ import numpy as np
 from ..runtime.exported import ExportedModel, TextBatch
 from ..runtime.scoring import fused_scores, sigmoid
 from .store import CatalogIndex, Filters, Hit
-
-
-def fuse(logits: np.ndarray, hits: list[Hit], itc_scale: float, cross_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """The rerank's ordering score (weighted cross-encoder logit + two-tower logit) and the match probability."""
-    return fused_scores(logits, [h.score for h in hits], itc_scale, cross_weight), sigmoid(logits)
 
 
 @dataclass
@@ -42,53 +43,109 @@ class SearchResult:
     deadline_exceeded: bool = False
 
 
-class Searcher:
+def text_queries(batch: TextBatch) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per caption of a text-tower batch: its embedding (E,) and its unpadded text states (T, H)."""
+    return [(batch.embedding[i], batch.states[i, : int(batch.mask[i].sum())]) for i in range(len(batch.embedding))]
+
+
+class LocalBackend:
+    """What the pipeline runs, over a model and index loaded in this process. Each call runs in a
+    worker thread, so a deadline can stop waiting for a rerank while it runs."""
+
     def __init__(self, model: ExportedModel, index: CatalogIndex):
         self.model, self.index = model, index
-        self.itc_scale = float(model.manifest.get("itc_scale", 0.0))
-        self.cross_weight = float(model.manifest.get("cross_weight", 1.0))
 
-    def recall(self, embedding: np.ndarray, n: int, filters: Filters | None) -> list[Hit]:
-        return self.index.search(embedding, n, filters)
+    async def encode_text(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        return text_queries(await asyncio.to_thread(self.model.encode_text, [text]))[0]
 
-    def rerank_scores(self, text: TextBatch, row: int, hits: list[Hit]) -> tuple[np.ndarray, np.ndarray]:
-        """Fused scores and match probabilities of these hits for query `row` of `text`."""
-        logits = self.model.rerank_logits(text, row, self.index.patches.read([h.row for h in hits]))
-        return fuse(logits, hits, self.itc_scale, self.cross_weight)
+    async def encode_image(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        emb, states = await asyncio.to_thread(self.model.encode_images, pixels[None])
+        return emb[0], states[0]
 
-    def search_text(self, query: str, k: int = 10, candidates: int = 100, rerank: bool = True, rerank_k: int = 20,
-                    filters: Filters | None = None, deadline: float | None = None) -> SearchResult:
-        """`deadline`: a time.perf_counter() value after which the rerank is skipped and the recall order returned."""
-        timings = {}
+    async def recall(self, embedding: np.ndarray, n: int, filters: Filters | None) -> list[Hit]:
+        return await asyncio.to_thread(self.index.search, embedding, n, filters)
+
+    async def patch_states(self, rows: list[int]) -> np.ndarray:
+        return await asyncio.to_thread(self.index.patches.read, rows)
+
+    async def match_logits(self, text_states: np.ndarray, patch_states: np.ndarray) -> np.ndarray:
+        return (await asyncio.to_thread(self.model.rerank_jobs, [(text_states, patch_states)]))[0]
+
+
+class SearchPipeline:
+    """`backend`: a LocalBackend or anything with its five async methods; `manifest`: the export's,
+    for the fusion's two numbers."""
+
+    def __init__(self, backend: LocalBackend, manifest: dict):
+        self.backend = backend
+        self.itc_scale = float(manifest.get("itc_scale", 0.0))
+        self.cross_weight = float(manifest.get("cross_weight", 1.0))
+
+    async def search(self, text: str | None = None, pixels: np.ndarray | None = None, k: int = 10,
+                     candidates: int = 100, rerank: bool = True, rerank_k: int = 20, filters: Filters | None = None,
+                     deadline: float | None = None) -> SearchResult:
+        """One of `text` or `pixels` (a model image). `deadline`: a time.perf_counter() value; the
+        rerank is waited on until then at most, and if it is not done the recall order is returned,
+        flagged `deadline_exceeded`."""
+        if (text is None) == (pixels is None):
+            raise ValueError("give exactly one of text or pixels")
+        timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        text = self.model.encode_text([query])
-        t1 = time.perf_counter()
-        hits = self.recall(text.embedding[0], max(candidates, k), filters)
-        t2 = time.perf_counter()
-        timings.update(encode=(t1 - t0) * 1000, recall=(t2 - t1) * 1000)
+        if text is not None:
+            embedding, text_states = await self.backend.encode_text(text)
+        else:
+            embedding, _ = await self.backend.encode_image(pixels)
+        timings["encode"] = _ms(t0)
+        t0 = time.perf_counter()
+        hits = await self.backend.recall(embedding, max(candidates, k), filters)
+        timings["recall"] = _ms(t0)
         results = [Result(h.id, h.row, h.score, h.score) for h in hits]
+        top = hits[:rerank_k] if text is not None and rerank else []
         reranked, late = 0, False
-        if rerank and rerank_k > 0 and hits:
-            if deadline is not None and time.perf_counter() > deadline:
+        if top and deadline is not None and time.perf_counter() >= deadline:
+            late = True
+        elif top:
+            t0 = time.perf_counter()
+            logits = await self._rerank_logits(text_states, top, deadline)
+            if logits is None:
                 late = True
             else:
-                top = hits[:rerank_k]
-                fused, prob = self.rerank_scores(text, 0, top)
-                head = [Result(h.id, h.row, h.score, float(f), float(p)) for h, f, p in zip(top, fused, prob)]
+                fused = fused_scores(logits, [h.score for h in top], self.itc_scale, self.cross_weight)
+                head = [Result(h.id, h.row, h.score, float(f), float(p)) for h, f, p in zip(top, fused, sigmoid(logits))]
                 head.sort(key=lambda r: -r.score)
                 results = head + results[len(top) :]
                 reranked = len(top)
-            timings["rerank"] = (time.perf_counter() - t2) * 1000
+            timings["rerank"] = _ms(t0)
         results = results[:k]
-        for i, r in enumerate(results):
-            r.rank = i + 1
+        for rank, r in enumerate(results, 1):
+            r.rank = rank
         return SearchResult(results, timings, reranked, late)
 
-    def search_image(self, pixels: np.ndarray, k: int = 10, filters: Filters | None = None) -> SearchResult:
-        t0 = time.perf_counter()
-        emb, _ = self.model.encode_images(pixels[None])
-        t1 = time.perf_counter()
-        hits = self.recall(emb[0], k, filters)
-        t2 = time.perf_counter()
-        results = [Result(h.id, h.row, h.score, h.score, rank=i + 1) for i, h in enumerate(hits)]
-        return SearchResult(results, {"encode": (t1 - t0) * 1000, "recall": (t2 - t1) * 1000})
+    async def _rerank_logits(self, text_states: np.ndarray, top: list[Hit], deadline: float | None) -> np.ndarray | None:
+        """The cross-encoder's logits for the top hits, or None when the deadline came first."""
+        patches = await self.backend.patch_states([h.row for h in top])
+        job = asyncio.ensure_future(self.backend.match_logits(text_states, patches))
+        if deadline is None:
+            return await job
+        # Waited on, never cancelled: a batched run goes on for the other requests in it.
+        done, _ = await asyncio.wait({job}, timeout=max(deadline - time.perf_counter(), 0.001))
+        if not done:
+            job.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it now
+            return None
+        return job.result()
+
+
+class Searcher:
+    """The pipeline run synchronously, over a model and index in this process (the CLI's search)."""
+
+    def __init__(self, model: ExportedModel, index: CatalogIndex):
+        self.pipeline = SearchPipeline(LocalBackend(model, index), model.manifest)
+
+    def search_text(self, query: str, k: int = 10, candidates: int = 100, rerank: bool = True, rerank_k: int = 20,
+                    filters: Filters | None = None, deadline: float | None = None) -> SearchResult:
+        return asyncio.run(self.pipeline.search(text=query, k=k, candidates=candidates, rerank=rerank,
+                                                rerank_k=rerank_k, filters=filters, deadline=deadline))
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000

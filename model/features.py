@@ -13,7 +13,7 @@ Patches are in row-major order: patch k covers row k // 8, column k % 8 of the g
 Each patch feature is the CNN's 1280 channels followed by 6 colour statistics of the patch's
 pixels (mean and standard deviation of R, G, B, on the network's input scale). ImageNet features
 are trained to be partly colour-invariant, while fashion text names colours; the statistics put
-the colour back at the cost of 6 numbers (DESIGN.md section 4 measured the gain on a two-tower).
+the colour back at the cost of 6 numbers.
 """
 
 from __future__ import annotations

@@ -143,10 +143,23 @@ class ExportedModel:
                                           "patch_states": np.ascontiguousarray(patch_states, dtype=np.float32)})
         return logits
 
+    def rerank_jobs(self, jobs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Several reranks in one cross-encoder run. Each job: one caption's unpadded text states (T, H)
+        against K items' patch states (K, P, H); the captions are padded to the longest, and each
+        job gets back its (K,) logits."""
+        sizes = [len(patches) for _, patches in jobs]
+        width = max(len(states) for states, _ in jobs)
+        text = np.zeros((sum(sizes), width, jobs[0][0].shape[-1]), dtype=np.float32)
+        mask = np.zeros((sum(sizes), width), dtype=np.int64)
+        row = 0
+        for (states, _), k in zip(jobs, sizes):
+            text[row : row + k, : len(states)] = states
+            mask[row : row + k, : len(states)] = 1
+            row += k
+        logits = self.match_logits(text, mask, np.concatenate([patches for _, patches in jobs]))
+        return np.split(logits, np.cumsum(sizes)[:-1])
+
     def rerank_logits(self, text: TextBatch, row: int, patch_states: np.ndarray) -> np.ndarray:
         """One query (row `row` of `text`) against K items' patch states (K, P, H) -> (K,) logits."""
-        width = int(text.mask[row].sum())  # a single query carries no padding
-        k = len(patch_states)
-        states = np.broadcast_to(text.states[row, :width], (k, width, text.states.shape[-1]))
-        mask = np.ones((k, width), dtype=np.int64)
-        return self.match_logits(states, mask, patch_states)
+        width = int(text.mask[row].sum())
+        return self.rerank_jobs([(text.states[row, :width], patch_states)])[0]

@@ -1,9 +1,11 @@
-"""What the API runs: the exported model and the index, with micro-batched inference off the event loop.
+"""What the API runs: the exported model and the index, with inference off the event loop.
 
-Concurrent requests' work is gathered into shared runs: captions into one text-tower call, and
-(text states, patch states) pairs into one cross-encoder call, up to `batch_max_pairs` pairs,
-waiting at most `batch_wait_ms` for company. One worker thread per stage owns its ONNX
-Runtime session, so the event loop never blocks on inference.
+The text tower and the cross-encoder each run in one worker thread (MicroBatcher) that can gather
+concurrent requests' work into shared runs: captions into one text-tower call, and (text states,
+patch states) pairs into one cross-encoder call, up to `batch_max_pairs` pairs, waiting at most
+`batch_wait_ms` for company. That cross-request batching is off by default (`batch_max_pairs` 1,
+`batch_wait_ms` 0: each request's pairs run alone; service/settings.py says why); the other
+stages run in threads of their own, so the event loop never blocks on inference.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import logging
 import queue
 import threading
 import time
@@ -23,16 +24,23 @@ import numpy as np
 
 from ..catalog.images import ImageDecodeError, decode_image, to_model_image
 from ..catalog.items import CatalogItem
+from ..index.search import LocalBackend, SearchPipeline, text_queries
+from ..index.store import CatalogIndex
 from ..runtime.exported import ExportedModel
-from ..index.search import fuse
-from ..index.store import CatalogIndex, Filters, Hit
 from .settings import Settings
-
-log = logging.getLogger(__name__)
 
 
 class BadInput(ValueError):
     """A request's content is unusable (the message says why); answered with 422."""
+
+
+def check_text(text: str, max_chars: int) -> str:
+    text = text.strip()
+    if not text:
+        raise BadInput("text is empty")
+    if len(text) > max_chars:
+        raise BadInput(f"text is over the {max_chars}-character limit")
+    return text
 
 
 def decode_base64_image(data: str, max_bytes: int) -> np.ndarray:
@@ -112,23 +120,23 @@ class MicroBatcher:
                         j.future.set_exception(exc)
 
 
-class Engine:
-    """One loaded model + index. A reload builds a new Engine beside the old and swaps."""
+class Engine(LocalBackend):
+    """One loaded model + index and its search pipeline. A reload builds a new Engine beside the old and swaps."""
 
     def __init__(self, settings: Settings, model_dir: str | None = None, index_dir: str | None = None,
                  variant: str | None = None, on_batch=None):
-        self.settings = settings
         self.model_dir = Path(model_dir or settings.model_dir)
         self.index_dir = Path(index_dir or settings.index_dir)
         providers = [p.strip() for p in settings.providers.split(",") if p.strip()] if settings.providers else None
-        self.model = ExportedModel(self.model_dir, variant=variant or settings.variant, threads=settings.threads,
-                                   providers=providers)
-        self.index = CatalogIndex(self.index_dir, model_hash=self.model.model_hash, threads=settings.threads)
-        self.itc_scale = float(self.model.manifest.get("itc_scale", 0.0))
-        self.cross_weight = float(self.model.manifest.get("cross_weight", 1.0))
-        self.model_version = f"{self.model.model_hash[:12]}/{self.model.variant}"
-        self.text_batcher = MicroBatcher("text", self._encode_texts, settings.batch_max_pairs, settings.batch_wait_ms)
-        self.cross_batcher = MicroBatcher("cross", self._cross, settings.batch_max_pairs, settings.batch_wait_ms, on_batch)
+        model = ExportedModel(self.model_dir, variant=variant or settings.variant, threads=settings.threads,
+                              providers=providers)
+        super().__init__(model, CatalogIndex(self.index_dir, model_hash=model.model_hash, threads=settings.threads))
+        self.model_version = f"{model.model_hash[:12]}/{model.variant}"
+        self.text_batcher = MicroBatcher("text", lambda texts: text_queries(model.encode_text(texts)),
+                                         settings.batch_max_pairs, settings.batch_wait_ms)
+        self.cross_batcher = MicroBatcher("cross", model.rerank_jobs, settings.batch_max_pairs, settings.batch_wait_ms,
+                                          on_batch)
+        self.pipeline = SearchPipeline(self, model.manifest)
 
     @property
     def index_version(self) -> str:
@@ -138,55 +146,13 @@ class Engine:
         self.text_batcher.close()
         self.cross_batcher.close()
 
-    # Batched stages (worker threads) -------------------------------------------------------------
-
-    def _encode_texts(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        batch = self.model.encode_text(texts)
-        out = []
-        for i in range(len(texts)):
-            width = int(batch.mask[i].sum())
-            out.append((batch.embedding[i], batch.states[i, :width]))
-        return out
-
-    def _cross(self, jobs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-        """Each job: one caption's states (T, H) against K items' patch states (K, P, H)."""
-        width = max(states.shape[0] for states, _ in jobs)
-        hidden = jobs[0][0].shape[1]
-        total = sum(len(p) for _, p in jobs)
-        text = np.zeros((total, width, hidden), dtype=np.float32)
-        mask = np.zeros((total, width), dtype=np.int64)
-        row = 0
-        for states, patches in jobs:
-            text[row : row + len(patches), : len(states)] = states
-            mask[row : row + len(patches), : len(states)] = 1
-            row += len(patches)
-        logits = self.model.match_logits(text, mask, np.concatenate([p for _, p in jobs]))
-        out, row = [], 0
-        for _, patches in jobs:
-            out.append(logits[row : row + len(patches)])
-            row += len(patches)
-        return out
-
-    # What the endpoints call ---------------------------------------------------------------------
+    # The two batched stages; the others run in threads as LocalBackend's do.
 
     async def encode_text(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         return await self.text_batcher(text)
 
     async def match_logits(self, text_states: np.ndarray, patch_states: np.ndarray) -> np.ndarray:
         return await self.cross_batcher((text_states, patch_states), size=len(patch_states))
-
-    async def encode_image(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        emb, states = await asyncio.to_thread(self.model.encode_images, pixels[None])
-        return emb[0], states[0]
-
-    async def recall(self, embedding: np.ndarray, n: int, filters: Filters | None) -> list[Hit]:
-        return await asyncio.to_thread(self.index.search, embedding, n, filters)
-
-    async def patch_states(self, rows: list[int]) -> np.ndarray:
-        return await asyncio.to_thread(self.index.patches.read, rows)
-
-    def rerank_scores(self, logits: np.ndarray, hits: list[Hit]) -> tuple[np.ndarray, np.ndarray]:
-        return fuse(logits, hits, self.itc_scale, self.cross_weight)
 
     async def add_item(self, item: CatalogItem) -> None:
         await asyncio.to_thread(self.index.add, [item], self.model)  # the index serialises its writes

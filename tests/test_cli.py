@@ -87,3 +87,22 @@ def test_the_cli_explains_itself():
             assert action.help, f"{sub.prog} {'/'.join(action.option_strings) or action.dest}: no help line"
     build_help = fashionbert("index", "build", "--help").stdout
     assert "(default: 16)" in " ".join(build_help.split())  # defaults are shown
+
+
+def test_train_help_states_the_training_configs_defaults():
+    import re
+
+    from fashionbert.cli import build_parser
+    from fashionbert.model.config import TrainConfig
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    defaults = TrainConfig()
+    checked = 0
+    for action in train._actions:
+        stated = re.search(r"\(default ([^;),]+)", action.help or "")
+        if stated and hasattr(defaults, action.dest):
+            value = getattr(defaults, action.dest)
+            assert stated.group(1) == str(value) or (value is None and stated.group(1).startswith(("all", "no"))), \
+                f"--{action.dest}: help says {stated.group(1)}, TrainConfig has {value}"
+            checked += 1
+    assert checked >= 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -114,16 +115,24 @@ def test_search_returns_ranked_items_with_images_and_stage_timings(client, items
     assert scores == sorted(scores, reverse=True)
 
 
-def test_search_serves_exactly_the_python_pipeline(client, tiny_model_dir, index_dir, items):
-    from fashionbert.index.search import Searcher
-    from fashionbert.index.store import CatalogIndex
-
-    searcher = Searcher(ExportedModel(tiny_model_dir, variant=None), CatalogIndex(index_dir))
-    for it in [it for it in items if it.split == "validation"]:
-        body = client.post("/search", json={"text": it.caption, "k": 10}).json()
-        expected = searcher.search_text(it.caption, k=10)
-        assert [x["id"] for x in body["items"]] == [x.id for x in expected.results]
-        assert [x["score"] for x in body["items"]] == pytest.approx([x.score for x in expected.results], abs=1e-4)
+def test_the_cli_and_the_service_return_the_same_ranking(client, tiny_model_dir, index_dir, items):
+    """One pipeline behind both (index/search.py): `fashionbert index search` prints the ids /search
+    returns, in its order, with its scores, for the same query and settings."""
+    captions = [it.caption for it in items if it.split == "validation"][:2]
+    cases = [({"text": c, "k": 10}, []) for c in captions]
+    cases.append(({"text": captions[0], "k": 8, "candidates": 50, "rerank_k": 5,
+                   "filters": {"subcategory": items[3].subcategory}},
+                  ["--candidates", "50", "--rerank-k", "5", "--subcategory", items[3].subcategory]))
+    for body, extra in cases:
+        served = client.post("/search", json=body).json()
+        assert not served["deadline_exceeded"] and served["reranked"] > 0
+        proc = subprocess.run([sys.executable, "-m", "fashionbert.cli", "index", "search", "--model", str(tiny_model_dir),
+                               "--index", str(index_dir), "--threads", "1", "--text", body["text"], "--k", str(body["k"]),
+                               *extra], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        rows = re.findall(r"^ *\d+\. (\S+) +score +(\S+)", proc.stdout, re.M)  # cmd_index_search's lines
+        assert [i for i, _ in rows] == [x["id"] for x in served["items"]]
+        assert [float(s) for _, s in rows] == pytest.approx([x["score"] for x in served["items"]], abs=2e-3)
 
 
 @pytest.fixture(scope="module")
