@@ -27,7 +27,8 @@ from fashionbert.catalog.demo import generate
 from fashionbert.catalog.readers import open_catalog
 from fashionbert.runtime.exported import ExportedModel
 from fashionbert.index.search import Searcher
-from fashionbert.index.store import CatalogIndex, build
+from fashionbert.index.build import build
+from fashionbert.index.store import CatalogIndex
 from fashionbert.model.export import ExportConfig, export
 from fashionbert.model.config import TrainConfig
 from fashionbert.model.train import train

@@ -21,7 +21,8 @@ import faiss
 import numpy as np
 
 from fashionbert.runtime.exported import ExportedModel
-from fashionbert.index.store import CatalogIndex, IndexConfig, _new_faiss
+from fashionbert.index.store import CatalogIndex
+from fashionbert.index.vectors import IndexConfig, new_faiss
 
 
 def main() -> None:
@@ -59,7 +60,7 @@ def main() -> None:
         for kind in ("flat", "ivf", "hnsw"):
             cfg = IndexConfig(kind=kind)
             start = time.perf_counter()
-            faiss_index = _new_faiss(cfg, base.shape[1], base)
+            faiss_index = new_faiss(cfg, base.shape[1], base)
             faiss_index.add_with_ids(base, ids)
             build_s = time.perf_counter() - start
             if kind == "ivf":

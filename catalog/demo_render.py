@@ -3,6 +3,9 @@
 Each subcategory has a silhouette drawn in a 100x100 unit box; every attribute in the spec
 changes pixels a 32x32 patch sees (a sleeve, a collar, a pocket, a heel). Pose, scale, light
 and background vary a little per product so no two images are the same.
+
+One file over 400 lines on purpose: one drawing function per subcategory (12), each short,
+sharing the helpers at the top; split apart they would only import each other.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """`fashionbert`: one command, a subcommand per stage, in the order data flows:
-catalog -> features -> train -> eval -> calibrate -> export -> index -> serve."""
+catalog -> features -> train -> eval -> calibrate -> export -> index -> serve.
+
+Over 400 lines because it holds every option of every stage with its help line, next to the
+small handler that passes them on; each handler imports its stage lazily, so `serve` and
+`--help` never load torch."""
 
 from __future__ import annotations
 
@@ -166,7 +170,8 @@ def _model(args):
 
 
 def cmd_index_build(args) -> int:
-    from .index.store import IndexConfig, build
+    from .index.build import build
+    from .index.vectors import IndexConfig
 
     cfg = IndexConfig(kind=args.kind, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
                       ef_search=args.ef_search, patch_dtype=args.patch_dtype, batch_size=args.batch_size)

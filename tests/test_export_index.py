@@ -19,7 +19,8 @@ from fashionbert.catalog.demo import generate
 from fashionbert.catalog.readers import open_catalog
 from fashionbert.runtime.exported import ExportedModel, ModelError
 from fashionbert.index.search import Searcher
-from fashionbert.index.store import CatalogIndex, Filters, IndexConfig, IndexError_, IndexMismatch, build
+from fashionbert.index.build import build
+from fashionbert.index.store import CatalogIndex, Filters, IndexConfig, IndexError_, IndexMismatch
 from fashionbert.model.export import parity
 from fashionbert.model.onnx_graphs import CrossEncoder, ImageTower, TextTower
 from fashionbert.model.protocol import protocol_ranks

@@ -207,3 +207,15 @@ def test_other_settings_are_not_mixed_in(catalog_dir, tmp_path):
     (tmp_path / "junk.h5").write_bytes(b"junk")
     with pytest.raises(FeatureCacheError, match="not a feature file"):
         FeatureStore(tmp_path / "junk.h5")
+
+
+def test_auto_precision_is_fp32_when_torch_kernels_are_held_to_avx2():
+    # The slow class's emulation on a fast CPU: its flags say bf16, its kernels cannot use it.
+    import os
+    import subprocess
+    import sys
+
+    code = "import torch; from fashionbert.model.features import resolve_precision; print(resolve_precision('auto', torch.device('cpu')))"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "fp32", out.stderr

@@ -9,7 +9,7 @@ import pytest
 
 from fashionbert.catalog.readers import open_catalog
 from fashionbert.runtime.exported import ExportedModel
-from fashionbert.index.store import build
+from fashionbert.index.build import build
 
 from .test_service import Server
 

@@ -40,3 +40,12 @@ def test_no_code_fetches_from_a_model_hub():
             loads += 1
             assert "local_files_only=True" in call or "weights_path=" in call, f"{path}: from_pretrained({call})"
     assert loads >= 2, "the BERT trunk and the CNN are expected to load through from_pretrained"
+
+
+def test_the_readme_code_map_names_every_module():
+    readme = (ROOT / "README.md").read_text()
+    code_map = readme[readme.index("## Code map"):]
+    for folder in ("fashionbert", "catalog", "runtime", "model", "index", "service"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path.name != "__init__.py" and path.parent.name != "routes":
+                assert f"{path.name}`" in code_map or f"{path.name}," in code_map, f"{path.relative_to(ROOT)} is not in the code map"

@@ -19,7 +19,7 @@ from PIL import Image
 
 from fashionbert.catalog.readers import open_catalog
 from fashionbert.runtime.exported import ExportedModel
-from fashionbert.index.store import build
+from fashionbert.index.build import build
 
 API_KEY = "test-key"
 
