@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..atomic import staged_file
 from .images import to_model_image
 from .readers import Catalog
 
@@ -56,6 +57,6 @@ def contact_sheet(catalog: Catalog, out: str | Path, n: int = 16, columns: int =
             draw.text((x, ty), line, fill=(70, 70, 70), font=regular)
             ty += 14
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out, optimize=True)
+    with staged_file(out) as tmp:
+        sheet.save(tmp, format="PNG", optimize=True)
     return out

@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,20 +58,29 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _temp_name(path: Path) -> str:
+    """Hidden, beside `path`, unique per process and call (the process id first, for cleanup)."""
+    return f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def staged_file(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary name beside `path` to write to; renamed over `path` (after an fsync) when the
     block ends without an error, removed when it raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(_temp_name(path))
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -95,14 +105,20 @@ def staged_dir(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or not Path(f"/proc/{pid}").exists() or int(pid) == os.getpid():
+        pid = stale.name.split(".tmp-", 1)[1].split("-")[0]
+        if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    tmp = target.parent / _temp_name(target)
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_dir(tmp)
+        # Every file's bytes on disk before the rename makes them the target's: after a power
+        # loss the target is the old directory or the whole new one, never empty files.
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                if not os.path.islink(os.path.join(root, name)):
+                    _fsync_file(Path(root, name))
+            _fsync_dir(Path(root))
         replace_dir(tmp, target)
     finally:
         if tmp.exists():

@@ -1,9 +1,9 @@
 """`fashionbert`: one command, a subcommand per stage, in the order data flows:
-catalog -> features -> train -> eval -> calibrate -> export -> index -> serve.
+catalog -> features -> train -> eval -> calibrate -> export -> index -> serve."""
 
-Over 400 lines because it holds every option of every stage with its help line, next to the
-small handler that passes them on; each handler imports its stage lazily, so `serve` and
-`--help` never load torch."""
+# Over 400 lines because it holds every option of every stage with its help line, next to the
+# small handler that passes them on; each handler imports its stage lazily, so `serve` and
+# `--help` never load torch.
 
 from __future__ import annotations
 
@@ -307,9 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", help="a JSON file of training options, any field of TrainConfig (model/config.py)")
     tr.add_argument("--features", help="the feature cache (default: features/<mode>.h5 beside the catalog directory)")
     tr.add_argument("--feature-mode", dest="feature_mode", choices=["grid", "crop", "global"], help="patch features (default grid)")
-    tr.add_argument("--layers", type=int, help="keep the first N transformer layers of the backbone")
+    tr.add_argument("--layers", type=int, help="keep the first N transformer layers of the backbone (default: all)")
     tr.add_argument("--fusion-layers", dest="fusion_layers", type=int,
-                    help="how many final layers attend across text and patches (= layers: the paper's full model)")
+                    help="how many final layers attend across text and patches (default 2; = layers: the paper's full model)")
     tr.add_argument("--loss-weighting", dest="loss_weighting", choices=["adaptive", "released-code", "fixed"],
                     help="adaptive: the paper's solve every step (default); fixed: equal weights")
     tr.add_argument("--no-mpm", action="store_true", help="train without masked patch modelling (ablation)")
@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", dest="batch_size", type=int, help="captions per multitask step (default 48)")
     tr.add_argument("--max-train-products", dest="max_train_products", type=int, help="train on at most this many products (default: all)")
     tr.add_argument("--backbone", help="a local Hugging Face BERT directory (default: the MiniLM package)")
-    tr.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast where the CPU or GPU has native bf16, else fp32")
+    tr.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                    help="auto (default): bf16 autocast where the GPU, or the CPU and PyTorch's kernels for it, have native bf16; else fp32")
     tr.add_argument("--seed", type=int, help="the same seed and thread count train the same model (default 0)")
     tr.add_argument("--device", default="cuda" if _cuda() else None, help="default: cuda when present, else cpu")
     tr.add_argument("--overwrite", action="store_true", help="start again instead of resuming")

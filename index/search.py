@@ -136,7 +136,9 @@ class SearchPipeline:
 
 
 class Searcher:
-    """The pipeline run synchronously, over a model and index in this process (the CLI's search)."""
+    """The pipeline run synchronously, over a model and index in this process: the CLI's search,
+    and scripts'. It starts an event loop of its own, so call it from plain code, not from inside
+    a running loop (async code awaits `SearchPipeline.search` instead)."""
 
     def __init__(self, model: ExportedModel, index: CatalogIndex):
         self.pipeline = SearchPipeline(LocalBackend(model, index), model.manifest)

@@ -22,7 +22,7 @@ from .evaluate import read_split
 from .fashionbert import FashionBert, load_model
 from .features import resolve_precision
 from .pair_scorer import PairScorer
-from ..runtime.scoring import fit_cross_weight, reciprocal_ranks
+from ..runtime.scoring import fit_cross_weight, fused_scores, reciprocal_ranks
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,15 @@ def calibrate_rerank(run: Path, model: FashionBert, meta: dict, data: SplitData,
         sim = scorer.similarity()
         top = np.argsort(-sim, axis=1, kind="stable")[:, :k]
         cross = scorer.logits(np.repeat(np.arange(len(data)), k), top.reshape(-1)).reshape(len(data), k)
-    tower = float(model.itc.scale().detach()) * np.take_along_axis(sim, top, 1)
+    cosines, scale = np.take_along_axis(sim, top, 1), float(model.itc.scale().detach())
+    tower = scale * cosines  # the two-tower logit
     hit = data.product[top] == data.product[:, None]
     weight, mrr = fit_cross_weight(cross, tower, hit)
     first = lambda scores: float(np.mean(reciprocal_ranks(scores, hit) == 1.0))  # noqa: E731
     rerank = {"cross_weight": weight, "fitted_on": len(data), "source": source, "K": k,
               "criterion": "mean reciprocal rank in the top K",
-              "R@1_two_tower": first(tower), "R@1_fitted": first(weight * cross + tower), "R@1_weight_1": first(cross + tower),
+              "R@1_two_tower": first(tower), "R@1_fitted": first(fused_scores(cross, cosines, scale, weight)),
+              "R@1_weight_1": first(fused_scores(cross, cosines, scale)),
               "mrr_by_weight": {str(w): round(v, 5) for w, v in mrr.items()}}
     write_text(run / "model" / "config.json", json.dumps({**meta, "rerank": rerank}, indent=2))
     log.info("Rerank weight on the cross-encoder logit: %.2f, fitted on %d %s "

@@ -163,7 +163,8 @@ def new_model(cfg: TrainConfig, num_patches: int, patch_dim: int) -> tuple[Fashi
                                            **cfg.model_overrides())
     # After the trunk is loaded, not as a constructor field: the copy starts from the pre-trained
     # fusion layers (from_pretrained_bert loads the towers' layers only), and building it here
-    # keeps the random initialisation of the new layers in the order every earlier run drew it.
+    # keeps the random initialisation of the new layers in the order earlier full-depth runs drew
+    # it (a run with `layers` set now builds only those layers, so its heads draw differently).
     if cfg.separate_fusion:
         model.separate_fusion_layers()
     return model, bert_dir

@@ -34,7 +34,7 @@ from .features import resolve_precision
 from .fashionbert import FashionBert, load_model
 from .pair_scorer import PairScorer
 from .protocol import paper_protocol, recall_at
-from ..runtime.scoring import cross_weight
+from ..runtime.scoring import cross_weight, fused_scores
 from ..runtime.tokenizer import CaptionTokenizer
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def full_gallery(score, sim: np.ndarray, data: SplitData, cfg: EvalConfig, progr
         order = np.argsort(-sim[q], kind="stable")[: cfg.recall_n]
         two_tower.append(_first_hit(order, data.product, data.product[q]))
         top = order[: cfg.rerank_k]
-        if hasattr(score, "logits"):  # exact logits: a probability saturates at 1.0 in float32
+        if hasattr(score, "logits"):  # a PairScorer: its exact logits (a probability saturates near 1)
             logits = score.logits(np.full(len(top), q), top)
         else:
             p = np.clip(score(np.full(len(top), q), top).astype(np.float64), 1e-12, 1 - 1e-12)
@@ -102,7 +102,7 @@ def full_gallery(score, sim: np.ndarray, data: SplitData, cfg: EvalConfig, progr
         new_order = np.concatenate([top[np.argsort(-logits, kind="stable")], order[cfg.rerank_k :]])
         reranked.append(_first_hit(new_order, data.product, data.product[q]))
         if itc_scale is not None:
-            combined = cross_weight * logits + itc_scale * sim[q, top]
+            combined = fused_scores(logits, sim[q, top], itc_scale, cross_weight)
             fused.append(_first_hit(np.concatenate([top[np.argsort(-combined, kind="stable")], order[cfg.rerank_k :]]),
                                     data.product, data.product[q]))
     i2t_sim = sim.T
@@ -136,7 +136,7 @@ def quick_validation(model: FashionBert, data: SplitData, cfg: TrainConfig, auto
         hits = 0
         for q in queries:
             top = np.argsort(-sim[q])[:10]
-            scores = scorer.logits(np.full(len(top), q), top) + itc_scale * sim[q, top]
+            scores = fused_scores(scorer.logits(np.full(len(top), q), top), sim[q, top], itc_scale)
             hits += bool(data.product[top[int(np.argmax(scores))]] == data.product[q])
     model.train()
     rerank_r1 = hits / len(queries)

@@ -35,6 +35,7 @@ from transformers import BertConfig, BertModel
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
 from transformers.utils import logging as hf_logging
 
+from ..atomic import staged_file, write_text
 from .features import FEATURE_DIM, GRID
 
 
@@ -325,17 +326,9 @@ class FashionBert(nn.Module):
         hidden, seq_mask, first_patch = self.fuse(text, mask, patches)
         return self.tia(hidden, seq_mask, first_patch, self.itc)
 
-    def cross(self, ids: torch.Tensor, mask: torch.Tensor, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The cross-encoder's pass from token ids and patch features."""
-        return self.fuse(self.text_states(ids, mask), mask, self.image_states(feats))
-
     def match_logits(self, ids: torch.Tensor, mask: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         """The reranker: a match logit per (text, image) pair, (B,)."""
         return self.match_logits_from(self.text_states(ids, mask), mask, self.image_states(feats))
-
-    def text_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean-pooled output of the text-only pass (the tower before its projection)."""
-        return mean_pool(self.encoder(self.embeddings(ids), mask.bool()), mask.bool())
 
     # Weights -----------------------------------------------------------------------------------
 
@@ -365,13 +358,19 @@ def from_pretrained_bert(bert_dir: str | Path | None = None, **overrides) -> tup
     hf_logging.set_verbosity_error()  # its load report lists the pooler this model leaves out
     hf_logging.disable_progress_bar()
     try:
-        bert = BertModel.from_pretrained(bert_dir, local_files_only=True, add_pooling_layer=False,
-                                         attn_implementation="eager")
-    except (OSError, ValueError) as exc:
-        raise FileNotFoundError(f"{bert_dir}: could not load a BERT from it ({exc})") from None
+        bert, info = BertModel.from_pretrained(bert_dir, local_files_only=True, add_pooling_layer=False,
+                                               attn_implementation="eager", output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{bert_dir}: could not load a BERT from it ({exc})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+    # transformers fills weights it did not find with random values and only logs it: a trunk
+    # that did not load is an error here, not a silently random backbone.
+    keys = [*info.get("missing_keys", ()), *(m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", ()))]
+    unloaded = sorted(k for k in keys if k.startswith(("embeddings.", "encoder.")))
+    if unloaded:
+        raise ValueError(f"{bert_dir}: the BERT checkpoint lacks or mis-shapes {len(unloaded)} trunk weights, e.g. {unloaded[:3]}")
     config = FashionBertConfig.from_hf_bert(bert.config.to_dict(), **overrides)
     model = FashionBert(config)
     model.load_trunk(bert)
@@ -379,21 +378,15 @@ def from_pretrained_bert(bert_dir: str | Path | None = None, **overrides) -> tup
 
 
 def save_model(model: FashionBert, directory: str | Path, extra: dict | None = None) -> None:
-    """Weights as safetensors and the config as JSON beside them; written atomically."""
-    import os
-
+    """Weights as safetensors and the config as JSON beside them; each file replaced atomically."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
              if k != "mlm.word_embeddings.weight"}  # tied: stored once, as embeddings.word_embeddings
-    tmp = directory / "model.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, directory / "model.safetensors")
-    tmp = directory / "config.json.tmp"
-    tmp.write_text(json.dumps({**asdict(model.config), **(extra or {})}, indent=2))
-    os.replace(tmp, directory / "config.json")
+    with staged_file(directory / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    write_text(directory / "config.json", json.dumps({**asdict(model.config), **(extra or {})}, indent=2))
 
 
 def load_model(directory: str | Path) -> tuple[FashionBert, dict]:

@@ -40,7 +40,7 @@ def fit_cross_weight(cross_logits: np.ndarray, tower_logits: np.ndarray, hit: np
         raise ValueError("cross_logits, tower_logits and hit must share one (queries, K) shape")
     if not len(hit):
         raise ValueError("no queries to fit the rerank weight on")
-    mrr = {w: float(reciprocal_ranks(w * cross_logits + tower_logits, hit).mean()) for w in grid}
+    mrr = {w: float(reciprocal_ranks(fused_scores(cross_logits, tower_logits, 1.0, w), hit).mean()) for w in grid}
     best = max(mrr.values())
     return next(w for w in grid if mrr[w] >= best - 1e-12), mrr
 

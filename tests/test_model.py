@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from fashionbert.model.config import TrainConfig
 from fashionbert.model.data import load_split, negatives_by_subcategory
 from fashionbert.model.evaluate import EvalConfig, auc, full_gallery, matching
 from fashionbert.model.fashionbert import (FashionBert, FashionBertConfig, default_backbone, from_pretrained_bert,
-                                           load_model, pack, save_model)
+                                           load_model, mean_pool, pack, save_model)
 from fashionbert.model.feature_cache import compute_features
 from fashionbert.runtime.feature_store import FeatureStore
 from fashionbert.model.features import FeatureConfig, PatchFeatureExtractor
@@ -61,7 +63,7 @@ def test_shapes_and_padding_is_invisible(tok):
     enc = tok(["navy striped long sleeve shirt with a spread collar", "red boots"])
     ids, mask = torch.from_numpy(enc.ids), torch.from_numpy(enc.mask)
     feats = torch.rand(2, 64, 1286)
-    hidden, seq_mask, first = model.cross(ids, mask, feats)
+    hidden, seq_mask, first = model.fuse(model.text_states(ids, mask), mask, model.image_states(feats))
     assert hidden.shape == (2, ids.shape[1] + 64, 32) and seq_mask.shape == hidden.shape[:2]
     assert model.text_embedding(ids, mask).shape == (2, 256) and model.image_embedding(feats).shape == (2, 256)
     assert torch.allclose(model.image_embedding(feats).norm(dim=-1), torch.ones(2))
@@ -88,8 +90,8 @@ def test_late_fusion_reuses_unimodal_states(demo_data):
     ids, mask = demo_data.texts(np.arange(4))
     feats = demo_data.feats[:4].float()
     with torch.no_grad():
-        hidden, _, first = model.cross(ids, mask, feats)
-        other, _, _ = model.cross(ids, mask, feats.flip(0))
+        hidden, _, first = model.fuse(model.text_states(ids, mask), mask, model.image_states(feats))
+        other, _, _ = model.fuse(model.text_states(ids, mask), mask, model.image_states(feats.flip(0)))
         assert not torch.allclose(hidden[:, 0], other[:, 0])  # the fusion layer lets [CLS] see the image
         direct = torch.sigmoid(model.match_logits(ids, mask, feats)).numpy()
     scorer = PairScorer(model, demo_data)
@@ -105,7 +107,8 @@ def test_pretrained_backbone_loads_and_keeps_its_sentence_sense(tok):
     model.eval()
     enc = tok(["navy striped long sleeve shirt", "a dark blue shirt with stripes and long sleeves", "red leather boots with a high heel"])
     with torch.no_grad():
-        h = torch.nn.functional.normalize(model.text_hidden(torch.from_numpy(enc.ids), torch.from_numpy(enc.mask)), dim=-1)
+        ids, mask = torch.from_numpy(enc.ids), torch.from_numpy(enc.mask).bool()
+        h = torch.nn.functional.normalize(mean_pool(model.encoder(model.embeddings(ids), mask), mask), dim=-1)
     sim = h @ h.T
     assert sim[0, 1] > sim[0, 2] + 0.2  # paraphrases are close only if the weights really loaded
     assert model.mlm.word_embeddings.weight is model.embeddings.word_embeddings.weight  # tied
@@ -460,3 +463,16 @@ def test_neighbour_batches_group_near_duplicates():
             assert len(set(cluster[group])) == 1
     plain = epoch_batches(data, cfg, epoch=1)
     assert any(len(set(cluster[b[:4]])) > 1 for b in plain)  # without embeddings, groups ignore the clusters
+
+
+def test_a_backbone_that_does_not_load_is_a_clear_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = default_backbone()
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    weights = load_file(str(src / "model.safetensors"))
+    save_file({f"other.{k}": v for k, v in weights.items()}, str(tmp_path / "model.safetensors"))  # no BERT names
+    with pytest.raises(ValueError, match="lacks or mis-shapes"):
+        from_pretrained_bert(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a BERT directory"):
+        from_pretrained_bert(tmp_path / "nowhere")
