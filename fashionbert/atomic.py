@@ -47,11 +47,12 @@ def replace_dir(new: Path, target: Path) -> None:
         target.rename(old)
         new.rename(target)
         shutil.rmtree(old)
-    _fsync_dir(target.parent)
+    _fsync(target.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def _fsync(path: Path) -> None:
+    """A file's bytes, or a directory's entries, onto the disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -63,14 +64,6 @@ def _temp_name(path: Path) -> str:
     return f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def staged_file(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary name beside `path` to write to; renamed over `path` (after an fsync) when the
@@ -80,9 +73,9 @@ def staged_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(_temp_name(path))
     try:
         yield tmp
-        _fsync_file(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        _fsync(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -117,8 +110,8 @@ def staged_dir(target: str | os.PathLike) -> Iterator[Path]:
         for root, _, files in os.walk(tmp):
             for name in files:
                 if not os.path.islink(os.path.join(root, name)):
-                    _fsync_file(Path(root, name))
-            _fsync_dir(Path(root))
+                    _fsync(Path(root, name))
+            _fsync(Path(root))
         replace_dir(tmp, target)
     finally:
         if tmp.exists():
