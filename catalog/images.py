@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -12,18 +13,27 @@ MODEL_IMAGE_SIZE = 256
 # Refuse absurd images before decoding them fully (PIL's bomb check covers the rest).
 MAX_IMAGE_PIXELS = 40_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# Images are padded to a square before the resize: the longest side bounds that work too.
+MAX_IMAGE_SIDE = math.isqrt(MAX_IMAGE_PIXELS)
+# Only these decoders ever run: the API takes what its documentation promises, catalogs common
+# raster formats too. Never PostScript/EPS/PDF (Pillow would start Ghostscript) or exotic plugins.
+API_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+CATALOG_IMAGE_FORMATS = (*API_IMAGE_FORMATS, "BMP", "GIF", "TIFF")
 
 
 class ImageDecodeError(ValueError):
     pass
 
 
-def decode_image(data: bytes | str) -> np.ndarray:
+def decode_image(data: bytes | str, formats: tuple[str, ...] = CATALOG_IMAGE_FORMATS) -> np.ndarray:
     """Bytes or a file path -> uint8 RGB array (H, W, 3). Transparency is flattened onto white."""
     try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data, formats=list(formats)) as img:
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 raise ImageDecodeError(f"image is {img.width}x{img.height}, over the {MAX_IMAGE_PIXELS:,}-pixel limit")
+            if max(img.width, img.height) > MAX_IMAGE_SIDE:
+                raise ImageDecodeError(f"image is {img.width}x{img.height}: its longest side is over the "
+                                       f"{MAX_IMAGE_SIDE:,}-pixel limit")
             img.load()
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
@@ -34,7 +44,9 @@ def decode_image(data: bytes | str) -> np.ndarray:
         raise
     except FileNotFoundError as exc:
         raise ImageDecodeError(f"image file not found: {exc.filename}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"not a readable image (expected {', '.join(formats[:-1])} or {formats[-1]})") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"not a readable image ({type(exc).__name__}: {exc})") from None
 
 

@@ -3,7 +3,8 @@
 Row r's states sit at offset r * record: float16, or int8 with a float16 scale per patch in
 patch_scales.bin. Read through a memory map at query time, so a rerank never re-runs the CNN.
 Rows are written (and fsynced) before the SQLite commit that makes them visible, so a crash
-leaves unreferenced bytes only.
+leaves unreferenced bytes only. Opened read-only (an index directory on a read-only mount), it
+creates and changes nothing.
 """
 
 from __future__ import annotations
@@ -23,15 +24,21 @@ class IndexError_(ValueError):
 class PatchFile:
     """Fixed-size records of patch states, appended by row number, read through a memory map."""
 
-    def __init__(self, directory: Path, patches: int, hidden: int, dtype: str):
+    def __init__(self, directory: Path, patches: int, hidden: int, dtype: str, read_only: bool = False):
         self.path, self.scales_path = directory / "patches.bin", directory / "patch_scales.bin"
         self.patches, self.hidden, self.dtype = patches, hidden, np.dtype(dtype)
         self.record = patches * hidden * self.dtype.itemsize
+        self.read_only = read_only
         self._map: np.memmap | None = None
         self._scales: np.memmap | None = None
         self._lock = threading.Lock()
+        self._closed = False
         for p in (self.path, self.scales_path) if dtype == "int8" else (self.path,):
-            p.touch(exist_ok=True)
+            if read_only:
+                if not p.is_file():
+                    raise IndexError_(f"{p} is missing: the index is damaged; rebuild it")
+            else:
+                p.touch(exist_ok=True)
 
     @property
     def bytes_per_item(self) -> int:
@@ -39,6 +46,8 @@ class PatchFile:
 
     def write(self, first_row: int, states: np.ndarray) -> None:
         """Rows first_row.. get these (n, P, H) float states; flushed to disk before returning."""
+        if self.read_only:
+            raise IndexError_(f"{self.path} is opened read-only")
         if self.dtype == np.int8:
             scale = np.maximum(np.abs(states).max(-1, keepdims=True), 1e-8) / 127.0  # per patch
             data = np.clip(np.rint(states / scale), -127, 127).astype(np.int8)
@@ -57,6 +66,8 @@ class PatchFile:
 
     def _maps(self, needed_row: int) -> tuple[np.memmap, np.memmap | None]:
         with self._lock:
+            if self._closed:
+                raise IndexError_(f"{self.path}: this index was closed")
             if self._map is None or self._map.shape[0] <= needed_row:
                 rows = os.path.getsize(self.path) // self.record
                 if rows <= needed_row:
@@ -76,3 +87,9 @@ class PatchFile:
         if scales is not None:
             out *= scales[rows].astype(np.float32)[..., None]
         return out
+
+    def close(self) -> None:
+        """Drop the memory maps; reading afterwards raises IndexError_."""
+        with self._lock:
+            self._closed = True
+            self._map = self._scales = None

@@ -13,18 +13,34 @@ INDEX_DIR holds
                        float16 scale per patch in patch_scales.bin), read through a memory map at
                        query time so a rerank never re-runs the CNN. Rows are written before the
                        commit that makes them visible, so a crash leaves unreferenced bytes only.
+- index.lock           an empty file for fcntl.flock: a writer holds it exclusively over its whole
+                       write, a reader shares it while it reads the generation and its vector file
 
 `fashionbert index build` (index/build.py) writes a new one; this module opens, searches and
 updates it.
+
+Several CatalogIndex objects may have one directory open at once (a reload opens the new one beside
+the old, `fashionbert index add` runs beside the server): their writes take turns (a lock per
+directory in this process, the flock across processes), each writer first brings its in-memory
+FAISS up to the database's generation, so every vector file it saves holds every committed item,
+and each search first checks the generation and reloads the vectors when another writer moved it.
+
+A directory that cannot be written (a read-only mount) is opened read-only: nothing in it is
+created or changed, searches and reads work, add and delete raise ReadOnlyIndex.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
 import json
 import logging
+import os
 import sqlite3
+import tempfile
 import threading
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,8 +72,56 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 DISPLAY = ("id", "product_id", "name", "description", "category", "subcategory", "gender", "price")
 
 
+LOCK_FILE = "index.lock"
+
+
 class IndexMismatch(IndexError_):
     pass
+
+
+class ReadOnlyIndex(IndexError_):
+    """A write to an index opened read-only."""
+
+
+# One writer at a time per index directory in this process, whichever CatalogIndex it goes through.
+# The flock excludes other processes (and other open file descriptions in this one too); this lock
+# keeps this process's writers in line before they get to it.
+_DIR_LOCKS: dict[str, threading.Lock] = {}
+_DIR_LOCKS_GUARD = threading.Lock()
+
+
+def _dir_lock(key: str) -> threading.Lock:
+    with _DIR_LOCKS_GUARD:
+        return _DIR_LOCKS.setdefault(key, threading.Lock())
+
+
+@contextmanager
+def _flock(path: Path, exclusive: bool, create: bool = True):
+    """fcntl.flock on `path` through an open file description of its own, so two threads of one
+    process exclude each other as two processes do; closing it releases the lock. Opened for
+    reading only (flock needs no more), so processes of other users can lock a file one created."""
+    fd = os.open(path, os.O_RDONLY | (os.O_CREAT if create else 0) | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def directory_writable(directory: str | Path) -> bool:
+    """Whether a file can be created in `directory`, found by creating one: as root, os.access says
+    yes whatever the mode bits, while a read-only mount answers EROFS."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+    except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return False
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True  # writable, but full: searches go on, and writes fail when they need space
+        raise
+    os.close(fd)
+    os.unlink(name)
+    return True
 
 
 @dataclass
@@ -101,9 +165,17 @@ def _jpeg(pixels: np.ndarray, quality: int) -> bytes:
 
 
 class CatalogIndex:
-    """An opened INDEX_DIR. Thread-safe: searches run concurrently, writes one at a time."""
+    """An opened INDEX_DIR. Thread-safe: searches run concurrently, writes one at a time (across
+    every CatalogIndex of the directory, in this process and others).
 
-    def __init__(self, directory: str | Path, model_hash: str | None = None, threads: int | None = None):
+    `read_only`: None finds out (the directory is read-only when no file can be created in it),
+    True opens it read-only even where it could be written. Read-only, nothing in the directory is
+    created or changed (SQLite is opened with mode=ro, immutable when it has no -wal file), and
+    add and delete raise ReadOnlyIndex. `close()` releases the memory and files it holds.
+    """
+
+    def __init__(self, directory: str | Path, model_hash: str | None = None, threads: int | None = None,
+                 read_only: bool | None = None):
         self.dir = Path(directory)
         path = self.dir / "manifest.json"
         if not path.is_file():
@@ -119,31 +191,86 @@ class CatalogIndex:
                                 f"{model_hash}: rebuild the index with this model (`fashionbert index build`)")
         if not (self.dir / "items.sqlite").is_file():
             raise IndexError_(f"{self.dir}: items.sqlite is missing; rebuild the index")
+        if read_only is not True:
+            writable = directory_writable(self.dir)
+            if read_only is False and not writable:
+                raise IndexError_(f"{self.dir}: the index directory is read-only, and it was opened for writing")
+            read_only = not writable
+        self.read_only: bool = read_only
+        if read_only:
+            log.info("%s: the index directory is read-only; serving it without updates.", self.dir)
         m = self.manifest
         self.config = IndexConfig(**m["config"])
         self.embed_dim = m["embed_dim"]
-        self.patches = PatchFile(self.dir, m["num_patches"], m["hidden_size"], m["config"]["patch_dtype"])
-        self._write_lock = threading.Lock()
+        self.patches = PatchFile(self.dir, m["num_patches"], m["hidden_size"], m["config"]["patch_dtype"],
+                                 read_only=read_only)
+        st = os.stat(self.dir)
+        self._dir_id = (st.st_dev, st.st_ino)
+        self._lock_path = self.dir / LOCK_FILE
+        self._write_lock = _dir_lock(os.path.realpath(self.dir))  # shared by every instance of the directory
+        # Held by whoever brings this instance's FAISS to the database's generation, and over each
+        # write (which does that first). Order: _write_lock, _sync_lock, the flock, _faiss_lock.
+        self._sync_lock = threading.Lock()
         # FAISS indexes are not safe to search while they change: searches (fast) and the
-        # in-memory add/remove share this lock; encoding and SQLite work stay outside it.
+        # in-memory add/remove/swap share this lock; encoding and SQLite work stay outside it.
         self._faiss_lock = threading.Lock()
+        self._faiss = None
+        self._faiss_gen: int | None = None
         self._local = threading.local()
+        self._conns: dict[threading.Thread, sqlite3.Connection] = {}
+        self._conns_lock = threading.Lock()
+        self._closed = False
         if threads:
             faiss.omp_set_num_threads(threads)
-        self.faiss = self._load_vectors()
+        try:
+            self._sync()
+        except BaseException:
+            self.close()
+            raise
 
     # SQLite ------------------------------------------------------------------------------------
 
     @property
     def db(self) -> sqlite3.Connection:
-        """One connection per thread (sqlite3 connections are not shared across threads)."""
+        """One connection per thread (sqlite3 connections are not shared across threads); close()
+        closes them all."""
+        if self._closed:
+            raise IndexError_(f"{self.dir}: this index was closed")
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.dir / "items.sqlite", timeout=30, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn = self._connect()
+            with self._conns_lock:
+                if self._closed:
+                    conn.close()
+                    raise IndexError_(f"{self.dir}: this index was closed")
+                for thread in [t for t in self._conns if not t.is_alive()]:
+                    self._conns.pop(thread).close()
+                self._conns[threading.current_thread()] = conn
             self._local.conn = conn
         return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        path = self.dir / "items.sqlite"
+        if not self.read_only:
+            conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            return conn
+        uri = path.absolute().as_uri() + "?mode=ro"
+        if Path(f"{path}-wal").exists():
+            # A live (or crashed) writer's WAL: a mode=ro connection reads it, with its -shm.
+            conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute("SELECT 1 FROM meta LIMIT 1")
+                return conn
+            except sqlite3.OperationalError:
+                conn.close()
+                if Path(f"{path}-wal").exists():
+                    raise
+                # The writer checkpointed and removed it meanwhile: the file alone is the database.
+        # Without a -wal file, mode=ro on a WAL database would create -wal and -shm (or fail where it
+        # cannot); immutable reads the file alone and creates nothing.
+        return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
 
     def generation(self) -> int:
         row = self.db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
@@ -195,6 +322,21 @@ class CatalogIndex:
 
     # FAISS -------------------------------------------------------------------------------------
 
+    @property
+    def faiss(self):
+        """The in-memory FAISS index, brought up to the database's generation first."""
+        self._sync()
+        index = self._faiss
+        if index is None:
+            raise IndexError_(f"{self.dir}: this index was closed")
+        return index
+
+    def refresh(self) -> int:
+        """Bring the in-memory vectors up to the database (writes through other instances or
+        processes); every search does this first. Returns the generation."""
+        self._sync()
+        return self._faiss_gen
+
     def _vector_files(self) -> list[tuple[int, Path]]:
         found = []
         for p in self.dir.glob("vectors.*.faiss"):
@@ -204,24 +346,99 @@ class CatalogIndex:
                 continue
         return sorted(found)
 
-    def _load_vectors(self):
+    def _shared(self):
+        """The flock shared, over reading the generation and its vector file: no writer replaces
+        that file meanwhile. Read-only, only where a lock file already exists (none is created)."""
+        if not self.read_only:
+            return _flock(self._lock_path, exclusive=False)
+        if self._lock_path.is_file() and os.access(self._lock_path, os.R_OK):
+            return _flock(self._lock_path, exclusive=False, create=False)
+        return nullcontext()
+
+    @contextmanager
+    def _writing(self):
+        """The whole of a write: this process's lock of the directory, then the flock exclusive,
+        with this instance's FAISS at the database's generation (healed when the vector file is behind)."""
+        if self.read_only:
+            raise ReadOnlyIndex(f"{self.dir}: the index directory is read-only: adding or deleting items needs a "
+                                f"writable index directory")
+        with self._write_lock, self._sync_lock, _flock(self._lock_path, exclusive=True):
+            st = os.stat(self.dir)
+            if (st.st_dev, st.st_ino) != self._dir_id:
+                raise IndexError_(f"{self.dir} was replaced (rebuilt?) since this index was opened: reload it "
+                                  f"before writing")
+            self._sync_locked()
+            yield
+
+    def _sync(self) -> None:
+        if self._faiss is not None and self.generation() == self._faiss_gen:
+            return
+        with self._sync_lock:
+            if self._closed:
+                raise IndexError_(f"{self.dir}: this index was closed")
+            with self._shared():
+                gen = self.generation()
+                if gen == self._faiss_gen and self._faiss is not None:
+                    return
+                index = self._read_vectors(gen)
+                if index is None and self.read_only:
+                    index, gen = self._rebuild(persist=False)
+            if index is not None:
+                self._install(index, gen)
+                return
+        # The vector file is behind the database (a writer died between its commit and the vector
+        # write): rebuilding it writes, so it happens under the exclusive lock, in _writing.
+        with self._writing():
+            pass
+
+    def _sync_locked(self) -> None:
+        """_sync under the exclusive lock: no writer can move the generation meanwhile."""
         gen = self.generation()
-        files = self._vector_files()
-        current = dict(files).get(gen)
-        if current is not None:
-            index = faiss.read_index(str(current))
-        else:
-            # The newest file is behind the database: rebuild from the stored embeddings, keeping
-            # IVF's trained centroids when there is an older file to take them from.
-            log.warning("%s: the vector file is behind the item database (an interrupted update?); rebuilding it.", self.dir)
+        if gen == self._faiss_gen and self._faiss is not None:
+            return
+        index = self._read_vectors(gen)
+        if index is None:
+            index, gen = self._rebuild(persist=True)
+        self._install(index, gen)
+
+    def _read_vectors(self, gen: int):
+        path = self.dir / f"vectors.{gen}.faiss"
+        if not path.is_file():
+            return None
+        try:
+            return faiss.read_index(str(path))
+        except RuntimeError as exc:
+            raise IndexError_(f"could not read {path} ({str(exc).strip().splitlines()[-1]}): rebuild the index") from None
+
+    def _rebuild(self, persist: bool):
+        """The vector file is behind the database: a new FAISS index from the stored embeddings,
+        keeping IVF's trained centroids when an older file has them; saved when `persist`."""
+        db = self.db
+        db.execute("BEGIN")  # the generation and the embeddings of one snapshot
+        try:
+            gen = self.generation()
             rows, emb = self.embeddings()
-            base = faiss.read_index(str(files[-1][1])) if files else None
-            index = new_faiss(self.config, self.embed_dim, emb, trained=base)
-            if len(rows):
-                index.add_with_ids(emb, rows)
+        finally:
+            db.execute("COMMIT")
+        if persist:
+            log.warning("%s: the vector file is behind the item database (an interrupted update?); rebuilding it.",
+                        self.dir)
+        else:
+            log.warning("%s: the vector file is behind the item database (an interrupted update?), and the index "
+                        "directory is read-only: rebuilding the vectors in memory only, on every open.", self.dir)
+        files = self._vector_files()
+        base = faiss.read_index(str(files[-1][1])) if files and self.config.kind == "ivf" else None
+        index = new_faiss(self.config, self.embed_dim, emb, trained=base)
+        if len(rows):
+            index.add_with_ids(emb, rows)
+        if persist:
             self._save_vectors(index, gen)
+        return index, gen
+
+    def _install(self, index, gen: int) -> None:
         self._tune(index)
-        return index
+        with self._faiss_lock:
+            self._faiss, self._faiss_gen = index, gen
 
     def _tune(self, index) -> None:
         if self.config.kind == "ivf":
@@ -230,6 +447,7 @@ class CatalogIndex:
             faiss.downcast_index(index.index).hnsw.efSearch = self.config.ef_search
 
     def _save_vectors(self, index, gen: int) -> None:
+        # Only under the exclusive flock: no reader is between reading the generation and its file.
         with staged_file(self.dir / f"vectors.{gen}.faiss") as tmp:
             faiss.write_index(index, str(tmp))
         for g, p in self._vector_files():
@@ -250,14 +468,13 @@ class CatalogIndex:
         query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
         if query.shape[1] != self.embed_dim:
             raise ValueError(f"query embedding has {query.shape[1]} dimensions, the index {self.embed_dim}")
+        self._sync()
         allowed = None
         if filters is not None and filters.active():
             where, args = filters.sql()
             allowed = np.array([r for (r,) in self.db.execute(f"SELECT row FROM items WHERE {where}", args)], dtype=np.int64)
             if not len(allowed):
                 return []
-        available = len(allowed) if allowed is not None else self.faiss.ntotal
-        k = min(n, available)
         params = None
         if allowed is not None:
             selector = faiss.IDSelectorBatch(allowed)
@@ -265,10 +482,14 @@ class CatalogIndex:
                 params = faiss.SearchParametersIVF(sel=selector, nprobe=self.config.nprobe)
             else:
                 params = faiss.SearchParameters(sel=selector)
-        # A few spare results cover rows deleted from SQLite and not yet from a stale vector file.
         with self._faiss_lock:
-            scores, rows = self.faiss.search(query, min(k + 8, max(available, 1)) if allowed is None else k,
-                                             params=params)
+            index = self._faiss
+            if index is None:
+                raise IndexError_(f"{self.dir}: this index was closed")
+            available = len(allowed) if allowed is not None else index.ntotal
+            k = min(n, available)
+            # A few spare results cover rows deleted from SQLite and not yet from a stale vector file.
+            scores, rows = index.search(query, min(k + 8, max(available, 1)) if allowed is None else k, params=params)
         found = [(int(r), float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]
         items = self.items_by_row([r for r, _ in found])
         hits = [Hit(r, items[r]["id"], s) for r, s in found if r in items][:k]
@@ -287,7 +508,9 @@ class CatalogIndex:
     # Updates -----------------------------------------------------------------------------------
 
     def add(self, items: list[CatalogItem], model, progress: bool = False) -> int:
-        """Encode and add items (with images); visible to the next search and persisted. Returns how many."""
+        """Encode and add items (with images); visible to the next search (through any instance of
+        this directory) and persisted. Returns how many."""
+        self._check_writable()
         if self.config.kind == "hnsw":
             raise IndexError_("an hnsw index cannot be updated in place: rebuild it, or build a flat or ivf index")
         if not items:
@@ -295,33 +518,35 @@ class CatalogIndex:
         ids = [it.id for it in items]
         if len(set(ids)) != len(ids):
             raise ValueError("the items to add repeat an id")
-        with self._write_lock:
-            clash = self.rows_of(ids)
-            if clash:
-                raise ValueError(f"{len(clash)} id(s) already in the index, e.g. {next(iter(clash))}: delete them first")
-            emb, states = encode_items(model, items, self.config.batch_size, progress)
-            first = self._next_row()
-            self.patches.write(first, states)  # invisible until the commit below
+        self._refuse_clash(ids)  # before the encoding, which takes a while
+        emb, states = encode_items(model, items, self.config.batch_size, progress)
+        emb = np.ascontiguousarray(emb, dtype=np.float32)
+        with self._writing():
+            self._refuse_clash(ids)  # another writer may have added one meanwhile
             db = self.db
             db.execute("BEGIN IMMEDIATE")
             try:
+                first = self._next_row()
+                self.patches.write(first, states)  # invisible until the commit below
                 insert_items(db, first, items, emb, self.config.jpeg_quality)
                 gen = self._bump(db)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
-            rows = np.arange(first, first + len(items), dtype=np.int64)
             with self._faiss_lock:
-                self.faiss.add_with_ids(np.ascontiguousarray(emb, dtype=np.float32), rows)
-                self._save_vectors(self.faiss, gen)
+                self._faiss.add_with_ids(emb, np.arange(first, first + len(items), dtype=np.int64))
+                self._faiss_gen = gen
+            self._save_vectors(self._faiss, gen)  # searches go on meanwhile: saving only reads it
         return len(items)
 
     def delete(self, ids: list[str]) -> list[str]:
         """Remove these ids; returns the ones that were not in the index."""
+        self._check_writable()
         if self.config.kind == "hnsw":
             raise IndexError_("an hnsw index cannot delete items: rebuild it, or build a flat or ivf index")
-        with self._write_lock:
+        with self._writing():
             rows = self.rows_of(list(ids))
             missing = [i for i in ids if i not in rows]
             if not rows:
@@ -334,12 +559,24 @@ class CatalogIndex:
                 gen = self._bump(db)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
             with self._faiss_lock:
-                self.faiss.remove_ids(np.array(list(rows.values()), dtype=np.int64))
-                self._save_vectors(self.faiss, gen)
+                self._faiss.remove_ids(np.array(list(rows.values()), dtype=np.int64))
+                self._faiss_gen = gen
+            self._save_vectors(self._faiss, gen)
         return missing
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyIndex(f"{self.dir}: the index directory is read-only: adding or deleting items needs a "
+                                f"writable index directory")
+
+    def _refuse_clash(self, ids: list[str]) -> None:
+        clash = self.rows_of(ids)
+        if clash:
+            raise ValueError(f"{len(clash)} id(s) already in the index, e.g. {next(iter(clash))}: delete them first")
 
     def _next_row(self) -> int:
         # AUTOINCREMENT never reuses a row number, so stale patch bytes are never read as live.
@@ -353,8 +590,31 @@ class CatalogIndex:
         return gen
 
     def info(self) -> dict:
+        vectors = int(self.faiss.ntotal)
         return {**{k: v for k, v in self.manifest.items() if k != "config"}, "config": asdict(self.config),
-                "items": len(self), "generation": self.generation(), "faiss_vectors": int(self.faiss.ntotal)}
+                "items": len(self), "generation": self.generation(), "faiss_vectors": vectors,
+                "read_only": self.read_only}
+
+    # Lifetime ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the FAISS index, the patch memory maps and every SQLite connection (of every
+        thread); a write in progress finishes first. Using the index afterwards raises IndexError_."""
+        with self._sync_lock:
+            with self._faiss_lock:
+                self._closed = True
+                self._faiss = None
+        self.patches.close()
+        with self._conns_lock:
+            conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            conn.close()
+
+    def __enter__(self) -> "CatalogIndex":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _as_item(row) -> dict:

@@ -22,20 +22,22 @@ from pathlib import Path
 
 import numpy as np
 
-from ..catalog.images import ImageDecodeError, decode_image, to_model_image
+from ..catalog.images import API_IMAGE_FORMATS, MODEL_IMAGE_SIZE, ImageDecodeError, decode_image, to_model_image
 from ..catalog.items import CatalogItem
 from ..index.search import LocalBackend, SearchPipeline, text_queries
 from ..index.store import CatalogIndex
 from ..runtime.exported import ExportedModel
+from .admission import Admission
+from .errors import BadInput
 from .settings import Settings
-
-
-class BadInput(ValueError):
-    """A request's content is unusable (the message says why); answered with 422."""
 
 
 def check_text(text: str, max_chars: int) -> str:
     text = text.strip()
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInput("text has an unpaired surrogate (e.g. \\ud800): not valid text") from None
     if not text:
         raise BadInput("text is empty")
     if len(text) > max_chars:
@@ -44,7 +46,8 @@ def check_text(text: str, max_chars: int) -> str:
 
 
 def decode_base64_image(data: str, max_bytes: int) -> np.ndarray:
-    """base64 (optionally a data: URL) -> the 256x256 model image."""
+    """base64 (optionally a data: URL) -> the 256x256 model image. Seconds for a big image: run it
+    in a worker thread (`decode_in_thread`)."""
     if data.startswith("data:"):
         data = data.split(",", 1)[-1]
     if len(data) > max_bytes * 4 // 3 + 4:
@@ -56,9 +59,13 @@ def decode_base64_image(data: str, max_bytes: int) -> np.ndarray:
     if not raw:
         raise BadInput("image is empty")
     try:
-        return to_model_image(decode_image(raw))
+        return to_model_image(decode_image(raw, formats=API_IMAGE_FORMATS))
     except ImageDecodeError as exc:
         raise BadInput(f"image: {exc}") from None
+
+
+async def decode_in_thread(data: str, max_bytes: int) -> np.ndarray:
+    return await asyncio.to_thread(decode_base64_image, data, max_bytes)
 
 
 @dataclass
@@ -69,7 +76,8 @@ class _Job:
 
 
 class MicroBatcher:
-    """A worker thread that runs `fn(list of inputs) -> list of outputs` over gathered jobs."""
+    """A worker thread that runs `fn(list of inputs) -> list of outputs` over gathered jobs;
+    `on_batch(size, seconds)` after each run."""
 
     def __init__(self, name: str, fn, max_size: int, max_wait_ms: float, on_batch=None):
         self.fn, self.max_size, self.max_wait = fn, max_size, max_wait_ms / 1000
@@ -108,9 +116,10 @@ class MicroBatcher:
                 batch.append(nxt)
                 size += nxt.size
             try:
-                if self.on_batch:
-                    self.on_batch(size)
+                started = time.perf_counter()
                 outputs = self.fn([j.inputs for j in batch])
+                if self.on_batch:
+                    self.on_batch(size, time.perf_counter() - started)
                 for j, out in zip(batch, outputs):
                     if not j.future.done():  # a request that gave up may have cancelled its future
                         j.future.set_result(out)
@@ -121,22 +130,45 @@ class MicroBatcher:
 
 
 class Engine(LocalBackend):
-    """One loaded model + index and its search pipeline. A reload builds a new Engine beside the old and swaps."""
+    """One loaded model + index and its search pipeline. A reload builds a new Engine beside the old
+    and swaps; the old one is closed when its last request finishes (service/state.py)."""
 
-    def __init__(self, settings: Settings, model_dir: str | None = None, index_dir: str | None = None,
-                 variant: str | None = None, on_batch=None):
-        self.model_dir = Path(model_dir or settings.model_dir)
-        self.index_dir = Path(index_dir or settings.index_dir)
+    def __init__(self, settings: Settings, admission: Admission, on_batch=None):
+        self.model_dir, self.index_dir = Path(settings.model_dir), Path(settings.index_dir)
+        self.admission = admission
         providers = [p.strip() for p in settings.providers.split(",") if p.strip()] if settings.providers else None
-        model = ExportedModel(self.model_dir, variant=variant or settings.variant, threads=settings.threads,
-                              providers=providers)
-        super().__init__(model, CatalogIndex(self.index_dir, model_hash=model.model_hash, threads=settings.threads))
+        model = ExportedModel(self.model_dir, variant=settings.variant, threads=settings.threads, providers=providers)
+        index = CatalogIndex(self.index_dir, model_hash=model.model_hash, threads=settings.threads,
+                             read_only=settings.index_read_only)
+        super().__init__(model, index)
         self.model_version = f"{model.model_hash[:12]}/{model.variant}"
+        self.users = 0  # requests holding this engine (changed on the event loop)
+        self.retired = False
+
+        def on_cross(pairs: int, seconds: float) -> None:
+            admission.pair_s.observe(seconds / pairs)
+            if on_batch:
+                on_batch(pairs)
+
         self.text_batcher = MicroBatcher("text", lambda texts: text_queries(model.encode_text(texts)),
-                                         settings.batch_max_pairs, settings.batch_wait_ms)
+                                         settings.batch_max_pairs, settings.batch_wait_ms,
+                                         lambda n, seconds: admission.text_s.observe(seconds / n))
         self.cross_batcher = MicroBatcher("cross", model.rerank_jobs, settings.batch_max_pairs, settings.batch_wait_ms,
-                                          on_batch)
+                                          on_cross)
         self.pipeline = SearchPipeline(self, model.manifest)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One run of each stage: the first requests do not pay ONNX Runtime's first-run cost, and
+        admission starts with measured costs."""
+        text = self.text_batcher.submit("warm up").result()
+        started = time.perf_counter()
+        _, states = self.model.encode_images(np.full((1, MODEL_IMAGE_SIZE, MODEL_IMAGE_SIZE, 3), 255, dtype=np.uint8))
+        self.admission.image_s.observe(time.perf_counter() - started)
+        self.cross_batcher.submit((text[1], np.repeat(states, 20, axis=0)), 20).result()
+        started = time.perf_counter()
+        self.index.search(text[0], 100)
+        self.admission.recall_s.observe(time.perf_counter() - started)
 
     @property
     def index_version(self) -> str:
@@ -145,14 +177,27 @@ class Engine(LocalBackend):
     def close(self) -> None:
         self.text_batcher.close()
         self.cross_batcher.close()
+        self.index.close()
 
-    # The two batched stages; the others run in threads as LocalBackend's do.
+    # The two batched stages; the others run in threads as LocalBackend's do, measured.
 
     async def encode_text(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         return await self.text_batcher(text)
 
     async def match_logits(self, text_states: np.ndarray, patch_states: np.ndarray) -> np.ndarray:
         return await self.cross_batcher((text_states, patch_states), size=len(patch_states))
+
+    async def encode_image(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        started = time.perf_counter()
+        out = await super().encode_image(pixels)
+        self.admission.image_s.observe(time.perf_counter() - started)
+        return out
+
+    async def recall(self, embedding: np.ndarray, n: int, filters):
+        started = time.perf_counter()
+        out = await super().recall(embedding, n, filters)
+        self.admission.recall_s.observe(time.perf_counter() - started)
+        return out
 
     async def add_item(self, item: CatalogItem) -> None:
         await asyncio.to_thread(self.index.add, [item], self.model)  # the index serialises its writes

@@ -20,8 +20,18 @@ class Metrics:
                                buckets=(1, 5, 10, 20, 40, 80, 160), registry=r)
         self.index_size = Gauge("fashionbert_index_items", "items in the index", registry=r)
         self.in_flight = Gauge("fashionbert_requests_in_flight", "requests being served", registry=r)
-        self.rejected = Counter("fashionbert_rejected_busy", "requests turned away with 503 (too many in flight)",
+        self.rejected = Counter("fashionbert_rejected_busy", "requests turned away with 503: too many in flight "
+                                "(concurrency) or more work admitted than the deadline allows (capacity)", ["reason"],
                                 registry=r)
+        self.admitted_work = Gauge("fashionbert_admitted_work_seconds", "predicted seconds of model work admitted and "
+                                   "not finished", registry=r)
+        # The share of answers that lost their rerank: rerank_lost / rerank_requested.
+        self.rerank_requested = Counter("fashionbert_search_rerank_requested", "text searches that asked for a rerank",
+                                        registry=r)
+        self.rerank_lost = Counter("fashionbert_search_rerank_lost", "text searches answered in the recall order "
+                                   "because the rerank missed the deadline", registry=r)
+        self.engines_retired = Gauge("fashionbert_engines_retired", "engines replaced by a reload and still "
+                                     "finishing requests", registry=r)
         self.build = Info("fashionbert_build", "model and index loaded", registry=r)
 
 

@@ -1,4 +1,5 @@
-"""Request and response bodies (pydantic v2). Unknown fields are rejected, so a typo is an error, not a default."""
+"""Request and response bodies (pydantic v2). Unknown fields are rejected, so a typo is an error, not a
+default; numbers must be finite."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# An id is one URL path segment (/items/{id}): no "/", no control characters.
+ITEM_ID = r"^[^/\x00-\x1f\x7f]+$"
 
 
 class SearchFilters(Strict):
@@ -25,7 +30,7 @@ class SearchFilters(Strict):
 
 class SearchRequest(Strict):
     text: str | None = Field(None, description="a text query (reranked by the cross-encoder)")
-    image: str | None = Field(None, description="a base64 image: 'more like this' (recall only)")
+    image: str | None = Field(None, description="a base64 JPEG, PNG or WebP image: 'more like this' (recall only)")
     k: int = Field(10, ge=1, le=100)
     candidates: int = Field(100, ge=1, le=1000, description="recall depth")
     rerank: bool = True
@@ -65,7 +70,7 @@ class SearchResponse(BaseModel):
 
 class MatchPair(Strict):
     text: str
-    image: str | None = Field(None, description="base64 image")
+    image: str | None = Field(None, description="base64 JPEG, PNG or WebP")
     item_id: str | None = None
 
     @model_validator(mode="after")
@@ -93,8 +98,9 @@ class MatchBatchResponse(BaseModel):
 
 
 class NewItem(Strict):
-    id: str = Field(min_length=1, max_length=200)
-    image: str = Field(description="base64 image")
+    id: str = Field(min_length=1, max_length=200, pattern=ITEM_ID,
+                    description="unique; any text without '/' or control characters")
+    image: str = Field(description="base64 JPEG, PNG or WebP")
     name: str = ""
     description: str = ""
     category: str = Field(min_length=1)
@@ -122,7 +128,29 @@ class ItemOut(BaseModel):
     image_url: str
 
 
+class Deleted(BaseModel):
+    deleted: str
+
+
 class ReloadRequest(Strict):
-    model_dir: str | None = None
-    index_dir: str | None = None
-    variant: str | None = None
+    variant: str | None = Field(None, max_length=100, description="a cross-encoder variant of the export "
+                                "(default: the configured one, else the export's choice)")
+
+
+class ReloadOut(BaseModel):
+    reloaded: bool
+    model: str
+    index: str
+    items: int
+
+
+class Alive(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str
+    model: str | None = None
+    index: str | None = None
+    items: int | None = None
+    read_only: bool | None = None

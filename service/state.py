@@ -1,11 +1,11 @@
-"""The serving state: the engine in use, its loading and its swap on reload."""
+"""The serving state: the engine in use, its loading, its swap on reload, and admission."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 
+from .admission import Admission
 from .engine import Engine
 from .metrics import Metrics
 from .settings import Settings
@@ -14,7 +14,8 @@ log = logging.getLogger("fashionbert.service")
 
 
 class State:
-    """Requests take `engine` once and keep it to the end, so a swap never changes one mid-request."""
+    """Requests take `engine` once (`acquire`) and keep it to the end (`release`), so a swap never
+    changes one mid-request; a replaced engine is closed when its last request lets go."""
 
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics
@@ -23,17 +24,22 @@ class State:
         self.load_error: str | None = None
         self.reload_lock = asyncio.Lock()
         self.slots = asyncio.Semaphore(settings.max_concurrency)
+        self.admission = Admission(settings.admission_headroom * settings.deadline_ms / 1000,
+                                   on_change=metrics.admitted_work.set)
+        self.retired: set[Engine] = set()
 
-    def new_engine(self, model_dir: str | None = None, index_dir: str | None = None,
-                   variant: str | None = None) -> Engine:
-        return Engine(self.settings, model_dir, index_dir, variant, on_batch=self.metrics.batch.observe)
+    def new_engine(self, variant: str | None = None) -> Engine:
+        """An engine of the configured model and index directories (never paths from a request)."""
+        settings = self.settings if variant is None else self.settings.model_copy(update={"variant": variant})
+        return Engine(settings, self.admission, on_batch=self.metrics.batch.observe)
 
     def load_initial(self) -> None:
         """The engine of the settings' model and index (run beside the event loop: it takes seconds)."""
         try:
-            self.set_engine(self.new_engine())
-            log.info("Serving %s with index %s (%d items).", self.engine.model_version, self.settings.index_dir,
-                     len(self.engine.index))
+            engine = self.new_engine()
+            self.set_engine(engine)  # the first engine: no old one to hand over, safe from this thread
+            log.info("Serving %s with index %s (%d items%s).", engine.model_version, self.settings.index_dir,
+                     len(engine.index), ", read-only" if engine.index.read_only else "")
         except Exception as exc:  # the message is what /readyz says
             self.load_error = str(exc)
             log.error("Could not load the model and index: %s", exc)
@@ -46,8 +52,28 @@ class State:
                                  "model_dir": str(engine.model_dir)})
         self.metrics.index_size.set(len(engine.index))
         if old is not None:
-            # Requests in flight hold their own reference to the old engine: stop its workers
-            # only once they have surely finished.
-            timer = threading.Timer(max(60.0, self.settings.deadline_ms / 1000 * 4), old.close)
-            timer.daemon = True
-            timer.start()
+            old.retired = True
+            self.retired.add(old)
+            self._close_if_idle(old)
+
+    def acquire(self) -> Engine | None:
+        engine = self.engine
+        if engine is not None:
+            engine.users += 1
+        return engine
+
+    def release(self, engine: Engine) -> None:
+        engine.users -= 1
+        self._close_if_idle(engine)
+
+    def _close_if_idle(self, engine: Engine) -> None:
+        if engine.retired and engine.users == 0 and engine in self.retired:
+            self.retired.discard(engine)
+            engine.close()
+            log.info("Released the previous engine (%s): its last request has finished.", engine.model_version)
+        self.metrics.engines_retired.set(len(self.retired))
+
+    def close(self) -> None:
+        for engine in [self.engine, *self.retired]:
+            if engine is not None:
+                engine.close()

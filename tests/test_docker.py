@@ -60,8 +60,20 @@ def test_every_file_the_images_and_compose_name_exists():
 def test_api_waits_for_the_pipeline_and_checks_readiness():
     api = COMPOSE["services"]["api"]
     assert api["depends_on"]["pipeline"]["condition"] == "service_completed_successfully"
-    assert "/readyz" in " ".join(api["healthcheck"]["test"]) and "8000:8000" in api["ports"]
+    assert "/readyz" in " ".join(api["healthcheck"]["test"])
     assert "api:8000" in (ROOT / "docker" / "prometheus.yml").read_text()
+
+
+def test_compose_publishes_on_loopback_and_serves_prometheus_host_by_default():
+    """Secure by default: published on 127.0.0.1 unless FASHIONBERT_BIND says otherwise, no key
+    (writes answer 403), and the Host allow-list includes the name Prometheus scrapes by."""
+    for name in ("api", "api-gpu", "prometheus"):
+        for port in COMPOSE["services"][name]["ports"]:
+            assert port.startswith("${FASHIONBERT_BIND:-127.0.0.1}:"), f"{name} publishes {port}"
+    for name in ("api", "api-gpu"):
+        env = COMPOSE["services"][name]["environment"]
+        assert env["FASHIONBERT_API_KEY"] == "${FASHIONBERT_API_KEY:-}"
+        assert "api" in env["FASHIONBERT_ALLOWED_HOSTS"].split(":-")[1].rstrip("}").split(",")
     assert "gpu" in COMPOSE["services"]["api-gpu"]["profiles"]
     assert "onnxruntime-gpu" in DOCKERFILE and "faiss-gpu" in DOCKERFILE and "CUDAExecutionProvider" in DOCKERFILE
     serve_stage = DOCKERFILE.split("AS serve\n")[1].split("FROM ")[0]

@@ -304,17 +304,14 @@ def _metric(text: str, name: str) -> float:
     return 0.0
 
 
-def test_reload_swaps_and_a_broken_reload_keeps_serving(client, tiny_model_dir, index_dir, tmp_path):
+def test_reload_swaps_the_variant_and_back(client):
     assert client.post("/admin/reload", json={}).status_code == 401
     r = client.post("/admin/reload", json={"variant": "fp32"}, headers={"X-API-Key": API_KEY})
     assert r.status_code == 200 and r.json()["model"].endswith("/fp32")
     assert client.get("/readyz").json()["model"].endswith("/fp32")
-    r = client.post("/admin/reload", json={"index_dir": str(tmp_path / "nothing")}, headers={"X-API-Key": API_KEY})
-    assert r.status_code == 422 and not r.json()["reloaded"] and "no manifest.json" in r.json()["detail"]
     assert client.post("/search", json={"text": "red shirt"}).status_code == 200
-    assert client.get("/readyz").json()["model"].endswith("/fp32")
     r = client.post("/admin/reload", json={}, headers={"X-API-Key": API_KEY})  # back to the export's default
-    assert r.status_code == 200
+    assert r.status_code == 200 and not r.json()["model"].endswith("/fp32")
 
 
 def test_concurrency_limit_answers_503_with_retry_after(tiny_model_dir, index_dir, items):

@@ -4,30 +4,37 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter
-
 from ...index.store import Filters
-from ..engine import check_text, decode_base64_image
+from ..admission import Work
+from ..engine import check_text, decode_in_thread
 from ..schemas import ResultItem, SearchRequest, SearchResponse
-from .deps import EngineDep, MetricsDep, SettingsDep, image_url
+from .deps import EngineDep, MetricsDep, SettingsDep, StateDep, image_url, router as new_router
 
-router = APIRouter()
+router = new_router()
 
 
 @router.post("/search", response_model=SearchResponse)
-async def search(req: SearchRequest, eng: EngineDep, settings: SettingsDep, metrics: MetricsDep):
+async def search(req: SearchRequest, eng: EngineDep, state: StateDep, settings: SettingsDep, metrics: MetricsDep):
     started = time.perf_counter()
     timings: dict[str, float] = {}
     text = pixels = None
     if req.text is not None:
         text = check_text(req.text, settings.max_text_chars)
     else:
-        pixels = decode_base64_image(req.image, settings.max_image_bytes)
+        pixels = await decode_in_thread(req.image, settings.max_image_bytes)
         timings["decode"] = (time.perf_counter() - started) * 1000
-    result = await eng.pipeline.search(text=text, pixels=pixels, k=req.k, candidates=req.candidates, rerank=req.rerank,
-                                       rerank_k=req.rerank_k,
-                                       filters=Filters(**req.filters.model_dump()) if req.filters else None,
-                                       deadline=started + settings.deadline_ms / 1000)
+    rerank = text is not None and req.rerank and req.rerank_k > 0
+    work = Work(texts=int(text is not None), images=int(text is None), recalls=1,
+                pairs=min(req.rerank_k, req.candidates) if rerank else 0)
+    with state.admission.admit(work):
+        result = await eng.pipeline.search(text=text, pixels=pixels, k=req.k, candidates=req.candidates,
+                                           rerank=req.rerank, rerank_k=req.rerank_k,
+                                           filters=Filters(**req.filters.model_dump()) if req.filters else None,
+                                           deadline=started + settings.deadline_ms / 1000)
+    if rerank:
+        metrics.rerank_requested.inc()
+        if result.deadline_exceeded:
+            metrics.rerank_lost.inc()
     timings.update(result.timings_ms)
     meta = eng.index.items_by_row([r.row for r in result.results])
     items = []
