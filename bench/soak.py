@@ -1,7 +1,7 @@
 """Saturation soak: 16 clients searching with rerank for minutes; errors, kept reranks, latency, liveness, memory.
 
     .venv/bin/python bench/soak.py --model data/model --index data/index [--minutes 10] [--clients 16]
-        [--k 10] [--rerank-k 20] [--threads N]
+        [--k 10] [--rerank-k 20] [--threads N] [--reload-every S]
 
 Starts `fashionbert serve` (default settings) on a free 127.0.0.1 port. --clients concurrent
 clients POST /search with captions from the index's SQLite (name. description, shuffled), k 10,
@@ -177,6 +177,8 @@ def main() -> int:
     parser.add_argument("--warmup-s", type=float, default=60, help="the RSS baseline: the sample at this time")
     parser.add_argument("--timeout-s", type=float, default=30, help="client timeout of a search")
     parser.add_argument("--threads", type=int, help="FASHIONBERT_THREADS of the server (default: all cores)")
+    parser.add_argument("--reload-every", type=float, default=0, metavar="S",
+                        help="also POST /admin/reload every S seconds through the soak (0: never)")
     args = parser.parse_args()
     captions = captions_of(args.index)
     print(f"Machine: CPU class {cpu_class()}, {platform.machine()}; {time.strftime('%Y-%m-%d')}.")
@@ -184,12 +186,29 @@ def main() -> int:
     print(f"{args.clients} clients, POST /search k {args.k}, candidates {args.candidates}, rerank_k {args.rerank_k}, "
           f"{len(captions)} captions, {args.minutes:g} min; /healthz every 100 ms; RSS every 10 s.", flush=True)
     env = {"threads": args.threads} if args.threads else {}
+    if args.reload_every:
+        env["api_key"] = "soak-key"
     server = Server(args.model, args.index, **env)
     probe, sampler = Probe(server.url), RssSampler(server.proc.pid)
+    reloads: Counter = Counter()
+    stop_reloads = threading.Event()
+
+    def reloader() -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            while not stop_reloads.wait(args.reload_every):
+                try:
+                    r = c.post("/admin/reload", json={}, headers={"X-API-Key": "soak-key"})
+                    reloads[str(r.status_code)] += 1
+                except httpx.HTTPError as exc:
+                    reloads[type(exc).__name__] += 1
+
+    reload_thread = threading.Thread(target=reloader, daemon=True)
     try:
         sampler.sample_now()
         probe.start()
         sampler.start()
+        if args.reload_every:
+            reload_thread.start()
 
         def last_sample():  # under load, as every other sample
             sampler.stop.set()
@@ -197,11 +216,13 @@ def main() -> int:
 
         r = asyncio.run(soak(server.url, captions, args.clients, args.minutes * 60, args.k, args.rerank_k,
                              args.candidates, args.timeout_s, on_end=last_sample))
+        stop_reloads.set()
         probe.stop.set()
         probe.join(10)
         sampler.join(1)
         peak = peak_rss_mb(server.proc.pid)
     finally:
+        stop_reloads.set()
         probe.stop.set()
         sampler.stop.set()
         server.stop()
@@ -232,6 +253,9 @@ def main() -> int:
         ("RSS growth after warm-up", f"{growth:+.1f} %"),
         ("server peak RSS (VmHWM)", f"{peak:.0f} MB"),
     ]
+    if args.reload_every:
+        rows.append((f"reloads (every {args.reload_every:g} s)", ", ".join(f"{s}: {n}" for s, n in sorted(reloads.items()))
+                     or "none"))
     width = max(len(k) for k, _ in rows)
     print(f"| {'measure'.ljust(width)} | value |")
     print(f"| {'-' * width} | --- |")
@@ -251,6 +275,8 @@ def main() -> int:
         failures.append(f"RSS grew {growth:+.1f} % from {base[0]:.0f} s to the end (ceiling 10 %)")
     if not pct(health, 99) <= 50:
         failures.append(f"/healthz p99 {pct(health, 99):.1f} ms (ceiling 50 ms)")
+    if args.reload_every and set(reloads) - {"200", "409"}:
+        failures.append(f"reloads answered {dict(reloads)}")
     if probe.failures:
         failures.append(f"/healthz failed or answered other than 200: {dict(probe.failures)}")
     if no_answer:

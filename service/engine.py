@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ctypes
 import queue
 import threading
 import time
@@ -175,9 +176,14 @@ class Engine(LocalBackend):
         return f"{self.index.manifest['built']}/gen{self.index.generation()}"
 
     def close(self) -> None:
+        """Stop the workers and let go of the model and index, so their memory goes back to the
+        system even while something still holds this object (a request's stored traceback)."""
         self.text_batcher.close()
         self.cross_batcher.close()
         self.index.close()
+        self.model = self.pipeline = self.text_batcher = self.cross_batcher = None
+        threading.Thread(target=_return_memory, name="return-memory", daemon=True).start()
+
 
     # The two batched stages; the others run in threads as LocalBackend's do, measured.
 
@@ -204,3 +210,14 @@ class Engine(LocalBackend):
 
     async def delete_item(self, item_id: str) -> bool:
         return not await asyncio.to_thread(self.index.delete, [item_id])
+
+
+def _return_memory() -> None:
+    """After a reload: hand the old engine's freed heap back to the system (glibc keeps it in its
+    per-thread arenas otherwise, and each reload's sessions would stay resident). No gc.collect():
+    close() already broke the references, and a full collection would hold the GIL for a while."""
+    time.sleep(1.0)  # its worker threads finish their last run first
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
