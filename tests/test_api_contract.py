@@ -50,5 +50,6 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(server, tmp_
                           "--report", "junit", "--report-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=560, cwd=tmp_path)  # its caches stay out of the tree
     out = run.stdout + run.stderr
+    print(out[-1500:])  # the run's summary, for `pytest -s`
     assert run.returncode == 0, out[-6000:]
     assert "No issues found" in out or "passed" in out.lower(), out[-3000:]
