@@ -2,6 +2,10 @@
 for several training settings side by side in one process.
 
     .venv/bin/python bench/train_step.py --catalog data/demo [--steps 6] [--variants default,dropout-0.1,cross-24]
+    .venv/bin/python bench/train_step.py --catalog data/demo --variants default --steps 2 --profile 25
+
+--profile N also runs the first variant's steps under torch.profiler and prints its N costliest
+operators by self CPU time (where a step's time goes, operator by operator).
 
 Each variant builds the default model from the pre-trained backbone, runs one warm-up step and
 then `--steps` timed steps on the same batches of the demo catalog's training split (real patch
@@ -81,6 +85,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--variants", default="default,cross-12,dropout-0.1,cross-24,fixed-weights",
                         help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile the first variant's timed steps and print its N costliest operators")
     args = parser.parse_args()
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -106,6 +112,15 @@ def main() -> None:
         total = statistics.median([sum(x) for x in zip(*(r.times[p] for p in PARTS))])
         base = base or total
         print(f"| {r.name} | " + " | ".join(f"{med[p]:.3f}" for p in PARTS) + f" | {total:.3f} | {total / base:.2f}× |")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        first = runners[0]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in range(1, args.steps + 1):
+                first.step(i, record=False)
+        print(f"\n{first.name}: the {args.profile} costliest operators over {args.steps} profiled steps\n")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile, max_name_column_width=48))
 
 
 if __name__ == "__main__":
