@@ -6,7 +6,6 @@ from fastapi import HTTPException
 from fastapi.responses import Response
 
 from ...catalog.items import CatalogItem
-from ...index.patches import IndexError_
 from ..admission import Work
 from ..engine import Engine, decode_in_thread
 from ..schemas import Deleted, ItemOut, NewItem
@@ -57,7 +56,7 @@ async def add_item(req: NewItem, eng: EngineDep, state: StateDep, settings: Sett
     with state.admission.admit(Work(images=1)):
         try:
             await eng.add_item(item)
-        except ValueError as exc:  # an id added meanwhile, or the index turned read-only (ReadOnlyIndex)
+        except ValueError as exc:  # an id added meanwhile, ReadOnlyIndex, or the directory rebuilt under this engine
             raise HTTPException(409, str(exc)) from None
     metrics.index_size.set(len(eng.index))
     return item_out(eng, req.id)
@@ -68,7 +67,7 @@ async def delete_item(item_id: str, eng: EngineDep, metrics: MetricsDep):
     refuse_unwritable(eng, "delete items")
     try:
         found = await eng.delete_item(item_id)
-    except IndexError_ as exc:  # the index turned read-only (ReadOnlyIndex)
+    except ValueError as exc:  # ReadOnlyIndex, or the directory rebuilt under this engine
         raise HTTPException(409, str(exc)) from None
     if not found:
         raise HTTPException(404, f"no item with id {item_id!r}")
