@@ -237,8 +237,17 @@ class CatalogIndex:
         if self._closed:
             raise IndexError_(f"{self.dir}: this index was closed")
         conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.immutable is not None and self._local.immutable != self._db_signature():
+            # Opened immutable while no writer was live; a writer (another container on the same
+            # volume) has since started or changed the file: read it afresh, as mode=ro.
+            with self._conns_lock:
+                self._conns.pop(threading.current_thread(), None)
+            conn.close()
+            conn = None
         if conn is None:
-            conn = self._connect()
+            signature = self._db_signature()
+            conn, immutable = self._connect()
+            self._local.immutable = signature if immutable else None
             with self._conns_lock:
                 if self._closed:
                     conn.close()
@@ -249,20 +258,21 @@ class CatalogIndex:
             self._local.conn = conn
         return conn
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self) -> tuple[sqlite3.Connection, bool]:
+        """A connection, and whether it reads the file as immutable (read-only, no live writer)."""
         path = self.dir / "items.sqlite"
         if not self.read_only:
             conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
-            return conn
+            return conn, False
         uri = path.absolute().as_uri() + "?mode=ro"
         if Path(f"{path}-wal").exists():
             # A live (or crashed) writer's WAL: a mode=ro connection reads it, with its -shm.
             conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
             try:
                 conn.execute("SELECT 1 FROM meta LIMIT 1")
-                return conn
+                return conn, False
             except sqlite3.OperationalError:
                 conn.close()
                 if Path(f"{path}-wal").exists():
@@ -270,7 +280,15 @@ class CatalogIndex:
                 # The writer checkpointed and removed it meanwhile: the file alone is the database.
         # Without a -wal file, mode=ro on a WAL database would create -wal and -shm (or fail where it
         # cannot); immutable reads the file alone and creates nothing.
-        return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
+        return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None, check_same_thread=False), True
+
+    def _db_signature(self) -> tuple:
+        path = self.dir / "items.sqlite"
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return ()
+        return st.st_size, st.st_mtime_ns, Path(f"{path}-wal").exists()
 
     def generation(self) -> int:
         row = self.db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()

@@ -1,5 +1,6 @@
-"""No Docker engine runs here: check that the containers run only CLI commands the host tests run,
-and that every file the Dockerfile and the compose file name exists."""
+"""The Dockerfile and the compose file, read: the containers run only CLI commands the host tests run,
+every file they name exists, every package the project installs is copied into the images.
+tests/test_compose.py builds and runs them for real."""
 
 from __future__ import annotations
 
@@ -34,7 +35,11 @@ def test_containers_run_only_cli_commands_that_parse_and_that_the_tests_run():
     tests = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py") if p.name != "test_docker.py")
     parser = build_parser()
     for command in commands:
-        args = [a.replace("$DATA", "/data").replace("$N", "6000") for a in command[1:]]
+        values = {"$DATA": "/data", "$CALIBRATION_N": "1200", "$N": "6000", "$TRAIN_CONFIG": "/app/docker/smoke-train.json",
+                  "$EXPORT_QUERIES": "200"}
+        args = command[1:]
+        for name, value in values.items():
+            args = [a.replace(name, value) for a in args]
         parser.parse_args(args)  # exits (fails the test) on an unknown subcommand or option
         stage = " ".join(args[:2] if args[0] in ("catalog", "index") else args[:1])
         quoted = '", "'.join(stage.split())
@@ -55,6 +60,17 @@ def test_every_file_the_images_and_compose_name_exists():
             assert (ROOT / build["context"] / build.get("dockerfile", "Dockerfile")).is_file()
             assert f"AS {build['target']}" in DOCKERFILE, f"no Dockerfile target {build['target']}"
     assert (ROOT / "docker" / "pipeline.sh").stat().st_mode & 0o111, "pipeline.sh must be executable"
+    assert (ROOT / "docker" / "base-image.sh").stat().st_mode & 0o111, "base-image.sh must be executable"
+
+
+def test_the_images_copy_every_package_directory_the_project_installs():
+    import tomllib
+
+    package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    copied = {src for src in re.findall(r"^COPY (\S+) \./\S+$", DOCKERFILE, re.M)}
+    for directory in set(package_dirs.values()):
+        top = directory.split("/")[0]
+        assert top in copied, f"the Dockerfile does not copy {top}/, which pyproject.toml installs"
 
 
 def test_api_waits_for_the_pipeline_and_checks_readiness():

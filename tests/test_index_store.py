@@ -443,6 +443,25 @@ def test_a_read_only_mount_follows_a_writer_on_the_writable_side(model, demo_cat
     writer.close()
 
 
+def test_a_read_only_mount_opened_before_the_writer_starts_follows_it(model, demo_catalog, tmp_path, emb, train_ids,
+                                                                      new):
+    # A replica that starts first finds no -wal and reads the file as immutable; once a writer
+    # starts beside it (compose's writer and read-only replica start together), it must follow.
+    src = make_index(model, demo_catalog, tmp_path / "idx", KINDS[0])
+    with read_only_mount(src, tmp_path / "ro") as ro:
+        reader = CatalogIndex(ro)
+        assert len(reader) == len(train_ids)
+        writer = CatalogIndex(src)
+        writer.add(new[:2], model)
+        assert len(reader) == len(train_ids) + 2
+        assert_finds(reader, emb, [it.id for it in new[:2]])
+        writer.delete([new[0].id])
+        writer.close()  # checkpointed: the -wal is gone again, the file changed
+        assert len(reader) == len(train_ids) + 1
+        assert new[0].id not in [h.id for h in reader.search(emb[new[0].id], 10)]
+        reader.close()
+
+
 @pytest.mark.parametrize("written", [False, True], ids=["as-built", "written-since"])
 def test_read_only_true_creates_and_changes_nothing(model, demo_catalog, tmp_path, emb, train_ids, new, written):
     d = make_index(model, demo_catalog, tmp_path / "idx", IndexConfig(patch_dtype="int8"))  # patch_scales.bin too
