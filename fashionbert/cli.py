@@ -26,6 +26,17 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+def port_number(value: str) -> int:
+    """A TCP port, from --port or FASHIONBERT_PORT."""
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (1-65535)")
+    return port
+
+
 def _add_catalog_args(p: argparse.ArgumentParser, split_default: str = "all") -> None:
     p.add_argument("--catalog", required=True,
                    help="a generic catalog directory (catalog.jsonl) or a directory holding fashiongen_256_256_*.h5")
@@ -430,8 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_index_search)
 
     sv = sub.add_parser("serve", help="run the HTTP API and web page (settings: FASHIONBERT_* environment variables)")
-    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    sv.add_argument("--port", type=int, default=8000, help="port to listen on")
+    sv.add_argument("--host", default=os.environ.get("FASHIONBERT_HOST", "127.0.0.1"),
+                    help="address to listen on (default: FASHIONBERT_HOST or 127.0.0.1)")
+    sv.add_argument("--port", type=port_number, default=os.environ.get("FASHIONBERT_PORT", "8000"),
+                    help="port to listen on (default: FASHIONBERT_PORT or 8000)")
     sv.add_argument("--model", help="model directory (default: FASHIONBERT_MODEL_DIR or data/model)")
     sv.add_argument("--index", help="index directory (default: FASHIONBERT_INDEX_DIR or data/index)")
     sv.add_argument("--threads", type=int, help="ONNX Runtime and FAISS threads (default: FASHIONBERT_THREADS or all cores)")

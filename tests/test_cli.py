@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -106,3 +107,21 @@ def test_train_help_states_the_training_configs_defaults():
                 f"--{action.dest}: help says {stated.group(1)}, TrainConfig has {value}"
             checked += 1
     assert checked >= 4
+
+
+def test_serve_listens_where_the_environment_says_and_refuses_a_bad_port(monkeypatch):
+    # Containers set FASHIONBERT_HOST/PORT (docker-compose.yml); flags still win.
+    from fashionbert.cli import build_parser
+
+    monkeypatch.setenv("FASHIONBERT_HOST", "0.0.0.0")
+    monkeypatch.setenv("FASHIONBERT_PORT", "8123")
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port) == ("0.0.0.0", 8123)
+    assert build_parser().parse_args(["serve", "--port", "9000"]).port == 9000
+    monkeypatch.delenv("FASHIONBERT_HOST")
+    monkeypatch.delenv("FASHIONBERT_PORT")
+    assert (build_parser().parse_args(["serve"]).host, build_parser().parse_args(["serve"]).port) == ("127.0.0.1", 8000)
+    for bad in ("http", "0", "70000"):
+        proc = subprocess.run([sys.executable, "-m", "fashionbert.cli", "serve"], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "FASHIONBERT_PORT": bad})
+        assert proc.returncode == 2 and "is not a port number" in proc.stderr and "Traceback" not in proc.stderr
