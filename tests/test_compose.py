@@ -160,6 +160,9 @@ class Stack:
         if proc.returncode:
             logs = self.compose("logs", "--no-color", "--tail", "60", check=False).stdout
             raise AssertionError(f"`docker compose up` exited {proc.returncode}:\n{proc.stderr[-3000:]}\n{logs[-6000:]}")
+        for service in ("api", "api-replica"):  # what compose's own healthcheck says, not only that it answers
+            health = self.container(service)["State"]["Health"]
+            assert health["Status"] == "healthy", f"{service} is {health['Status']}: {health['Log'][-1:]}"
 
     def container(self, service: str) -> dict:
         cid = self.compose("ps", "--all", "--quiet", service).stdout.strip()
@@ -199,8 +202,6 @@ def catalog_rows(stack) -> list[dict]:
 def test_up_runs_the_pipeline_then_serves_a_healthy_api_on_its_volume(stack):
     pipeline = stack.container("pipeline")
     assert pipeline["State"]["Status"] == "exited" and pipeline["State"]["ExitCode"] == 0
-    for service in ("api", "api-replica"):
-        assert stack.container(service)["State"]["Health"]["Status"] == "healthy", service
     logs = stack.compose("logs", "--no-color", "pipeline").stdout
     assert "pipeline done" in logs and "training" in logs  # it built everything itself
     # The volume layout the services rely on.
