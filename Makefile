@@ -45,7 +45,7 @@ install: $(VENV)/.installed
 # Reinstalled when the pinned dependencies change; everything comes from pyproject.toml.
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[pipeline,dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[pipeline,dev,scale]'
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(BACKBONE)
 	@# The page test drives Debian's chromium (playwright downloads no browser).
 	command -v chromium >/dev/null 2>&1 || $(SUDO) apt-get install -y --no-install-recommends chromium \

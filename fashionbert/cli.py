@@ -37,6 +37,16 @@ def port_number(value: str) -> int:
     return port
 
 
+def positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive whole number")
+    return n
+
+
 def _add_catalog_args(p: argparse.ArgumentParser, split_default: str = "all") -> None:
     p.add_argument("--catalog", required=True,
                    help="a generic catalog directory (catalog.jsonl) or a directory holding fashiongen_256_256_*.h5")
@@ -195,7 +205,7 @@ def cmd_index_build(args) -> int:
 
         features = default_features_path(args.catalog, model.feature_identity["mode"])  # where training put them
     build(model, catalog, args.out, cfg, split=args.split, overwrite=args.overwrite, progress=not args.quiet,
-          features=features, features_explicit=args.features is not None)
+          features=features, features_explicit=args.features is not None, recall=args.recall)
     _report_problems(catalog)
     return 0
 
@@ -204,7 +214,7 @@ def cmd_index_add(args) -> int:
     from .index.store import CatalogIndex
 
     model = _model(args)
-    index = CatalogIndex(args.index, model_hash=model.model_hash)
+    index = CatalogIndex(args.index, model_hash=model.model_hash, recall=args.recall)
     catalog = _open(args)
     items = list(catalog.items(args.split))
     added = index.add(items, model, progress=not args.quiet)
@@ -216,7 +226,7 @@ def cmd_index_add(args) -> int:
 def cmd_index_delete(args) -> int:
     from .index.store import CatalogIndex
 
-    index = CatalogIndex(args.index)
+    index = CatalogIndex(args.index, recall=args.recall)
     missing = index.delete(args.ids)
     log.info("Deleted %d items from %s; it now holds %d.", len(args.ids) - len(missing), args.index, len(index))
     if missing:
@@ -230,7 +240,7 @@ def cmd_index_info(args) -> int:
 
     from .index.store import CatalogIndex
 
-    print(json.dumps(CatalogIndex(args.index).info(), indent=2))
+    print(json.dumps(CatalogIndex(args.index, recall=args.recall).info(), indent=2))
     return 0
 
 
@@ -239,7 +249,7 @@ def cmd_index_search(args) -> int:
     from .index.store import CatalogIndex
 
     model = _model(args)
-    index = CatalogIndex(args.index, model_hash=model.model_hash)
+    index = CatalogIndex(args.index, model_hash=model.model_hash, recall=args.recall)
     if not args.text.strip():
         raise ValueError("the query text is empty")
     result = Searcher(model, index).search_text(args.text, k=args.k, candidates=args.candidates,
@@ -266,8 +276,32 @@ def cmd_serve(args) -> int:
             raise ValueError(f"no {what} at {path}: build it first (`make demo`), or set --{what} / FASHIONBERT_{what.upper()}_DIR")
     log.info("Starting the API on http://%s:%d (model %s, index %s).", args.host, args.port, settings.model_dir,
              settings.index_dir)
+    # The event loop and HTTP parser the service is tested with: uvicorn would pick uvloop and
+    # httptools instead wherever they are installed (Ray Serve, in the scale extra, brings them).
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
-                access_log=False)
+                access_log=False, loop="asyncio", http="h11")
+    return 0
+
+
+def cmd_rerankers(args) -> int:
+    import signal
+
+    for what, path in (("model", args.model), ("index", args.index)):
+        if not os.path.isfile(os.path.join(path, "manifest.json")):
+            raise ValueError(f"no {what} at {path}: build it first (`make demo`), or set --{what}")
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ValueError("Ray Serve is not installed: pip install '.[scale]'")
+    from .service import rerankers
+
+    # A plain `kill` stops Ray's processes too, not only this one.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        rerankers.run(args.model, args.index, args.host, args.port, args.replicas, variant=args.variant,
+                      threads=args.threads, max_batch=args.max_batch, temp_dir=args.ray_dir)
+    except KeyboardInterrupt:
+        log.info("Rerankers stopped.")
     return 0
 
 
@@ -390,6 +424,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", required=True, help="a model directory written by `fashionbert export`")
         p.add_argument("--threads", type=int, help="ONNX Runtime and FAISS threads (default: all cores)")
 
+    def recall_arg(p, build=False):
+        if build:
+            p.add_argument("--recall", default=os.environ.get("FASHIONBERT_RECALL"),
+                           help="milvus://HOST:PORT/COLLECTION: recall on that Milvus collection (replaced by this "
+                                "catalog) instead of the in-process FAISS (default: FASHIONBERT_RECALL, else FAISS)")
+        else:
+            p.add_argument("--recall", default=os.environ.get("FASHIONBERT_RECALL"),
+                           help="the Milvus address to use instead of the one the index was built with (default: "
+                                "FASHIONBERT_RECALL, else the index's own)")
+
     def filter_args(p):
         p.add_argument("--category", help="only items of this category")
         p.add_argument("--subcategory", help="only items of this subcategory")
@@ -413,21 +457,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--features", help="the catalog's patch-feature cache: unchanged images skip the CNN "
                                       "(default: features/<mode>.h5 beside the catalog directory, if it is there)")
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    recall_arg(b, build=True)
     b.set_defaults(func=cmd_index_build)
 
     a = ixs.add_parser("add", help="add the items of a catalog to an index (incremental, persisted)")
     model_args(a)
     _add_catalog_args(a)
     a.add_argument("--index", required=True, help="the index directory")
+    recall_arg(a)
     a.set_defaults(func=cmd_index_add)
 
     d = ixs.add_parser("delete", help="remove items by id")
     d.add_argument("--index", required=True, help="the index directory")
     d.add_argument("ids", nargs="+", help="item ids")
+    recall_arg(d)
     d.set_defaults(func=cmd_index_delete)
 
     i = ixs.add_parser("info", help="what an index holds")
     i.add_argument("--index", required=True, help="the index directory")
+    recall_arg(i)
     i.set_defaults(func=cmd_index_info)
 
     q = ixs.add_parser("search", help="a text query: recall, then the cross-encoder rerank")
@@ -438,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--candidates", type=int, default=100, help="two-tower candidates recalled")
     q.add_argument("--rerank-k", dest="rerank_k", type=int, default=20, help="0 = no rerank")
     filter_args(q)
+    recall_arg(q)
     q.set_defaults(func=cmd_index_search)
 
     sv = sub.add_parser("serve", help="run the HTTP API and web page (settings: FASHIONBERT_* environment variables)")
@@ -449,6 +498,18 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--index", help="index directory (default: FASHIONBERT_INDEX_DIR or data/index)")
     sv.add_argument("--threads", type=int, help="ONNX Runtime and FAISS threads (default: FASHIONBERT_THREADS or all cores)")
     sv.set_defaults(func=cmd_serve)
+
+    rr = sub.add_parser("rerankers", help="cross-encoder replicas on Ray Serve, for `serve` with FASHIONBERT_RERANKERS")
+    rr.add_argument("--model", default="data/model", help="model directory (the API's)")
+    rr.add_argument("--index", default="data/index", help="index directory whose patch states the replicas read")
+    rr.add_argument("--host", default="127.0.0.1", help="address Ray Serve's HTTP proxy listens on")
+    rr.add_argument("--port", type=port_number, default="8100", help="its port")
+    rr.add_argument("--replicas", type=positive_int, default=2, help="cross-encoder replicas")
+    rr.add_argument("--threads", type=positive_int, default=1, help="ONNX Runtime threads per replica")
+    rr.add_argument("--max-batch", type=positive_int, default=8, help="most waiting requests scored in one run")
+    rr.add_argument("--variant", help="cross-encoder variant (default: the export's choice)")
+    rr.add_argument("--ray-dir", help="Ray's session directory (default: Ray's, under /tmp/ray)")
+    rr.set_defaults(func=cmd_rerankers)
     for sub_parser in _subparsers(parser):
         sub_parser.formatter_class = _HelpFormatter
     return parser

@@ -23,7 +23,7 @@ from ..catalog.images import image_hash
 from ..catalog.items import CatalogItem
 from ..runtime.feature_store import FeatureCacheError, FeatureStore
 from .patches import PatchFile
-from .store import FORMAT, SCHEMA, insert_items
+from .store import FORMAT, SCHEMA, filter_fields, insert_items, item_fields
 from .vectors import IndexConfig, new_faiss
 
 log = logging.getLogger(__name__)
@@ -107,10 +107,12 @@ def _batched(items: Iterator[CatalogItem], size: int) -> Iterator[list[CatalogIt
 
 def build(model, catalog, out: str | Path, cfg: IndexConfig = IndexConfig(), split: str = "all",
           overwrite: bool = False, progress: bool = True, features: str | Path | None = None,
-          features_explicit: bool = True) -> dict:
+          features_explicit: bool = True, recall: str | None = None) -> dict:
     """Encode every item of the catalog with the exported image tower and write INDEX_DIR atomically.
     `features`: a patch-feature cache of the catalog; unchanged images found there skip the CNN
-    (`features_explicit` false: a default path, silently skipped when absent)."""
+    (`features_explicit` false: a default path, silently skipped when absent). `recall`: a Milvus
+    address (milvus://HOST:PORT/COLLECTION): the collection is replaced by this catalog's
+    embeddings, and the index searches there (index/milvus.py)."""
     cfg.validate()
     out = Path(out)
     if out.exists() and not overwrite and any(out.iterdir()):
@@ -127,7 +129,7 @@ def build(model, catalog, out: str | Path, cfg: IndexConfig = IndexConfig(), spl
             db.execute("INSERT INTO meta VALUES ('generation', '1')")
             patches = PatchFile(tmp, model.num_patches, model.hidden_size, cfg.patch_dtype)
             row, encode_seconds, reused = 1, 0.0, 0
-            all_emb = []
+            all_emb, all_fields = [], []
             cached = CachedFeatures.open(features, model, features_explicit)
             bar = tqdm(total=len(records), desc="Indexing images", unit="img", disable=not progress, mininterval=0.5)
             db.execute("BEGIN")
@@ -139,6 +141,7 @@ def build(model, catalog, out: str | Path, cfg: IndexConfig = IndexConfig(), spl
                 patches.write(row, states)
                 insert_items(db, row, batch, emb, cfg.jpeg_quality)
                 all_emb.append(emb)
+                all_fields += [item_fields(it) for it in batch]
                 row += len(batch)
                 bar.update(len(batch))
             db.execute("COMMIT")
@@ -150,12 +153,14 @@ def build(model, catalog, out: str | Path, cfg: IndexConfig = IndexConfig(), spl
             index.add_with_ids(emb, np.arange(1, n + 1, dtype=np.int64))
             with staged_file(tmp / "vectors.1.faiss") as vectors:
                 faiss.write_index(index, str(vectors))
+            if recall:
+                recall = load_milvus(recall, model, cfg, emb, all_fields, progress)
             sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
             manifest = {"format": FORMAT, "model_hash": model.model_hash, "embed_dim": model.embed_dim,
                         "hidden_size": model.hidden_size, "num_patches": model.num_patches, "config": asdict(cfg),
                         "items_at_build": n, "split": split, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "seconds": round(time.perf_counter() - start, 1), "encode_images_per_s": round(n / max(encode_seconds, 1e-9), 1),
-                        "from_cached_features": reused,
+                        "from_cached_features": reused, **({"recall": recall} if recall else {}),
                         "bytes_per_item": {"patch_states": patches.bytes_per_item,
                                            "total_on_disk": round(sum(sizes.values()) / n)}}
             write_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
@@ -166,3 +171,20 @@ def build(model, catalog, out: str | Path, cfg: IndexConfig = IndexConfig(), spl
              "of patch states per item) in %.0f s.", n, out, cfg.kind, manifest["encode_images_per_s"], reused,
              patches.bytes_per_item, manifest["seconds"])
     return manifest
+
+
+def load_milvus(uri: str, model, cfg: IndexConfig, emb: np.ndarray, fields: list[tuple], progress: bool) -> str:
+    """Replace the Milvus collection at `uri` with these embeddings (rows 1..n); its address."""
+    from .milvus import MilvusRecall
+
+    remote = MilvusRecall(uri, model.embed_dim, cfg, model.model_hash, create=True)
+    try:
+        rows = np.arange(1, len(emb) + 1, dtype=np.int64)
+        step = 4096
+        for i in tqdm(range(0, len(emb), step), desc=f"Loading {remote.address}", unit="batch", disable=not progress):
+            remote.upsert(rows[i : i + step], emb[i : i + step], [filter_fields(f) for f in fields[i : i + step]])
+        remote.set_generation(1)
+        remote.flush()
+        return str(remote.address)
+    finally:
+        remote.close()

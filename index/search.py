@@ -25,6 +25,10 @@ from ..runtime.scoring import fused_scores, sigmoid
 from .store import CatalogIndex, Filters, Hit
 
 
+class RerankUnavailable(RuntimeError):
+    """The rerank could not run (remote replicas down or overloaded); the message says why."""
+
+
 @dataclass
 class Result:
     id: str
@@ -41,6 +45,7 @@ class SearchResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     reranked: int = 0
     deadline_exceeded: bool = False
+    rerank_error: str | None = None  # why the top is in recall order although a rerank was asked for
 
 
 def text_queries(batch: TextBatch) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -71,9 +76,15 @@ class LocalBackend:
     async def match_logits(self, text_states: np.ndarray, patch_states: np.ndarray) -> np.ndarray:
         return (await asyncio.to_thread(self.model.rerank_jobs, [(text_states, patch_states)]))[0]
 
+    async def rerank_logits(self, text: str, text_states: np.ndarray, rows: list[int],
+                            deadline: float | None) -> np.ndarray | None:
+        """The cross-encoder's logits for these rows (None: the deadline came first). Here: their
+        patch states read and scored in this process; service/engine.py can send it to replicas."""
+        return await self.match_logits(text_states, await self.patch_states(rows))
+
 
 class SearchPipeline:
-    """`backend`: a LocalBackend or anything with its five async methods; `manifest`: the export's,
+    """`backend`: a LocalBackend or anything with its async methods; `manifest`: the export's,
     for the fusion's two numbers."""
 
     def __init__(self, backend: LocalBackend, manifest: dict):
@@ -101,14 +112,17 @@ class SearchPipeline:
         timings["recall"] = _ms(t0)
         results = [Result(h.id, h.row, h.score, h.score) for h in hits]
         top = hits[:rerank_k] if text is not None and rerank else []
-        reranked, late = 0, False
+        reranked, late, error = 0, False, None
         if top and deadline is not None and time.perf_counter() >= deadline:
             late = True
         elif top:
             t0 = time.perf_counter()
-            logits = await self._rerank_logits(text_states, top, deadline)
+            try:
+                logits = await self._rerank_logits(text, text_states, top, deadline)
+            except RerankUnavailable as exc:  # remote replicas down or shedding: the recall order, flagged
+                logits, error = None, str(exc)
             if logits is None:
-                late = True
+                late = error is None
             else:
                 fused = fused_scores(logits, [h.score for h in top], self.itc_scale, self.cross_weight)
                 head = [Result(h.id, h.row, h.score, float(f), float(p)) for h, f, p in zip(top, fused, sigmoid(logits))]
@@ -119,12 +133,12 @@ class SearchPipeline:
         results = results[:k]
         for rank, r in enumerate(results, 1):
             r.rank = rank
-        return SearchResult(results, timings, reranked, late)
+        return SearchResult(results, timings, reranked, late, error)
 
-    async def _rerank_logits(self, text_states: np.ndarray, top: list[Hit], deadline: float | None) -> np.ndarray | None:
+    async def _rerank_logits(self, text: str, text_states: np.ndarray, top: list[Hit],
+                             deadline: float | None) -> np.ndarray | None:
         """The cross-encoder's logits for the top hits, or None when the deadline came first."""
-        patches = await self.backend.patch_states([h.row for h in top])
-        job = asyncio.ensure_future(self.backend.match_logits(text_states, patches))
+        job = asyncio.ensure_future(self.backend.rerank_logits(text, text_states, [h.row for h in top], deadline))
         if deadline is None:
             return await job
         # Waited on, never cancelled: a batched run goes on for the other requests in it.
@@ -132,7 +146,7 @@ class SearchPipeline:
         if not done:
             job.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it now
             return None
-        return job.result()
+        return job.result()  # None: a remote rerank's own deadline came first
 
 
 class Searcher:

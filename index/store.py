@@ -175,7 +175,7 @@ class CatalogIndex:
     """
 
     def __init__(self, directory: str | Path, model_hash: str | None = None, threads: int | None = None,
-                 read_only: bool | None = None):
+                 read_only: bool | None = None, recall: str | None = None):
         self.dir = Path(directory)
         path = self.dir / "manifest.json"
         if not path.is_file():
@@ -222,7 +222,17 @@ class CatalogIndex:
         self._closed = False
         if threads:
             faiss.omp_set_num_threads(threads)
+        # Recall on a Milvus server (index/milvus.py) instead of the in-process FAISS: `recall`, or
+        # the address the index was built with.
+        self._remote = None
+        self._remote_gen: int | None = None
+        self._remote_strong = True  # the next Milvus search sees other clients' writes too
+        recall = recall or m.get("recall")
         try:
+            if recall:
+                from .milvus import MilvusRecall
+
+                self._remote = MilvusRecall(recall, self.embed_dim, self.config, m["model_hash"])
             self._sync()
         except BaseException:
             self.close()
@@ -343,6 +353,8 @@ class CatalogIndex:
     @property
     def faiss(self):
         """The in-memory FAISS index, brought up to the database's generation first."""
+        if self._remote is not None:
+            raise IndexError_(f"{self.dir}: recall runs on {self._remote.address}, not on an in-process FAISS")
         self._sync()
         index = self._faiss
         if index is None:
@@ -389,6 +401,8 @@ class CatalogIndex:
             yield
 
     def _sync(self) -> None:
+        if self._remote is not None:
+            return self._sync_remote()
         if self._faiss is not None and self.generation() == self._faiss_gen:
             return
         with self._sync_lock:
@@ -409,8 +423,57 @@ class CatalogIndex:
         with self._writing():
             pass
 
+    def _sync_remote(self) -> None:
+        """Milvus is shared, so other writers' items are there already: only a collection behind
+        SQLite (a writer died between its commit and Milvus) needs work, under the exclusive lock."""
+        if self._closed:
+            raise IndexError_(f"{self.dir}: this index was closed")
+        gen = self.generation()
+        if gen == self._remote_gen:
+            return
+        if self._remote.generation() == gen:
+            # Another process wrote: this client's Session consistency may not cover its writes yet.
+            self._remote_gen, self._remote_strong = gen, True
+            return
+        if self.read_only:
+            log.warning("%s: %s is behind the item database (an interrupted update?); this read-only instance "
+                        "serves it as it is, and filtered lists stay exact.", self.dir, self._remote.address)
+            self._remote_gen = gen
+            return
+        with self._writing():
+            pass
+
+    def _reconcile_remote(self) -> None:
+        """Under the exclusive lock: make the Milvus collection hold exactly SQLite's rows."""
+        if self.generation() == self._remote_gen:
+            return  # every writer bumps the generation: nobody wrote since this instance saw Milvus there
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            gen = self.generation()
+            if self._remote.generation() == gen:
+                self._remote_gen = gen
+                return
+            rows, emb = self.embeddings()
+            fields = {r: f for r, *f in db.execute("SELECT row, category, subcategory, gender, price FROM items")}
+        finally:
+            db.execute("COMMIT")
+        log.warning("%s: %s is behind the item database (an interrupted update?); bringing it up to date.",
+                    self.dir, self._remote.address)
+        held = self._remote.rows()
+        extra = np.setdiff1d(held, rows)
+        missing = np.isin(rows, held, invert=True)
+        if len(extra):
+            self._remote.delete(extra.tolist())
+        if missing.any():
+            self._remote.upsert(rows[missing], emb[missing], [filter_fields(fields[int(r)]) for r in rows[missing]])
+        self._remote.set_generation(gen)
+        self._remote_gen, self._remote_strong = gen, True
+
     def _sync_locked(self) -> None:
         """_sync under the exclusive lock: no writer can move the generation meanwhile."""
+        if self._remote is not None:
+            return self._reconcile_remote()
         gen = self.generation()
         if gen == self._faiss_gen and self._faiss is not None:
             return
@@ -487,6 +550,8 @@ class CatalogIndex:
         if query.shape[1] != self.embed_dim:
             raise ValueError(f"query embedding has {query.shape[1]} dimensions, the index {self.embed_dim}")
         self._sync()
+        if self._remote is not None:
+            return self._search_remote(query, n, filters)
         allowed = None
         if filters is not None and filters.active():
             where, args = filters.sql()
@@ -516,6 +581,28 @@ class CatalogIndex:
             hits = self._exact(query[0], k, allowed)
         return hits
 
+    def _search_remote(self, query: np.ndarray, n: int, filters: Filters | None) -> list[Hit]:
+        from .milvus import filter_expr
+
+        active = filters is not None and filters.active()
+        available = self.count(filters) if active else len(self)
+        k = min(n, available)
+        if not k:
+            return []
+        # A few spare results cover rows deleted from SQLite and not yet from Milvus.
+        strong, self._remote_strong = self._remote_strong, False
+        found = self._remote.search(query[0], k + 8, filter_expr(filters) if active else "", strong=strong)
+        items = self.items_by_row([r for r, _ in found])
+        hits = [Hit(r, items[r]["id"], s) for r, s in found if r in items][:k]
+        if len(hits) < k:  # an approximate index returned a short filtered list: score the allowed rows exactly
+            allowed = None
+            if active:
+                where, args = filters.sql()
+                allowed = np.array([r for (r,) in self.db.execute(f"SELECT row FROM items WHERE {where}", args)],
+                                   dtype=np.int64)
+            hits = self._exact(query[0], k, allowed)
+        return hits
+
     def _exact(self, query: np.ndarray, k: int, allowed: np.ndarray | None) -> list[Hit]:
         rows, emb = self.embeddings(None if allowed is None else allowed.tolist())
         scores = emb @ query
@@ -529,7 +616,7 @@ class CatalogIndex:
         """Encode and add items (with images); visible to the next search (through any instance of
         this directory) and persisted. Returns how many."""
         self._check_writable()
-        if self.config.kind == "hnsw":
+        if self.config.kind == "hnsw" and self._remote is None:
             raise IndexError_("an hnsw index cannot be updated in place: rebuild it, or build a flat or ivf index")
         if not items:
             return 0
@@ -553,8 +640,14 @@ class CatalogIndex:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+            rows = np.arange(first, first + len(items), dtype=np.int64)
+            if self._remote is not None:
+                self._remote.upsert(rows, emb, [filter_fields(item_fields(it)) for it in items])
+                self._remote.set_generation(gen)
+                self._remote_gen = gen
+                return len(items)
             with self._faiss_lock:
-                self._faiss.add_with_ids(emb, np.arange(first, first + len(items), dtype=np.int64))
+                self._faiss.add_with_ids(emb, rows)
                 self._faiss_gen = gen
             self._save_vectors(self._faiss, gen)  # searches go on meanwhile: saving only reads it
         return len(items)
@@ -562,7 +655,7 @@ class CatalogIndex:
     def delete(self, ids: list[str]) -> list[str]:
         """Remove these ids; returns the ones that were not in the index."""
         self._check_writable()
-        if self.config.kind == "hnsw":
+        if self.config.kind == "hnsw" and self._remote is None:
             raise IndexError_("an hnsw index cannot delete items: rebuild it, or build a flat or ivf index")
         with self._writing():
             rows = self.rows_of(list(ids))
@@ -580,6 +673,11 @@ class CatalogIndex:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+            if self._remote is not None:
+                self._remote.delete(list(rows.values()))
+                self._remote.set_generation(gen)
+                self._remote_gen = gen
+                return missing
             with self._faiss_lock:
                 self._faiss.remove_ids(np.array(list(rows.values()), dtype=np.int64))
                 self._faiss_gen = gen
@@ -608,10 +706,10 @@ class CatalogIndex:
         return gen
 
     def info(self) -> dict:
-        vectors = int(self.faiss.ntotal)
+        recall = {"faiss_vectors": int(self.faiss.ntotal)} if self._remote is None else \
+            {"recall": str(self._remote.address), "milvus_vectors": self._remote.count()}
         return {**{k: v for k, v in self.manifest.items() if k != "config"}, "config": asdict(self.config),
-                "items": len(self), "generation": self.generation(), "faiss_vectors": vectors,
-                "read_only": self.read_only}
+                "items": len(self), "generation": self.generation(), **recall, "read_only": self.read_only}
 
     # Lifetime ----------------------------------------------------------------------------------
 
@@ -623,6 +721,8 @@ class CatalogIndex:
                 self._closed = True
                 self._faiss = None
         self.patches.close()
+        if self._remote is not None:
+            self._remote.close()
         with self._conns_lock:
             conns, self._conns = list(self._conns.values()), {}
         for conn in conns:
@@ -641,14 +741,22 @@ def _as_item(row) -> dict:
     return out
 
 
+def item_fields(it: CatalogItem) -> tuple:
+    """(category, subcategory, gender, price) as SQLite stores them."""
+    gender, price = it.metadata.get("gender"), it.metadata.get("price")
+    return (it.category, it.subcategory, gender if isinstance(gender, str) else None,
+            float(price) if isinstance(price, (int, float)) and not isinstance(price, bool) else None)
+
+
+def filter_fields(values: tuple) -> dict:
+    return dict(zip(("category", "subcategory", "gender", "price"), values))
+
+
 def insert_items(db: sqlite3.Connection, first_row: int, items: list[CatalogItem], emb: np.ndarray, quality: int) -> None:
     records = []
     for i, it in enumerate(items):
         meta = dict(it.metadata)
-        gender, price = meta.get("gender"), meta.get("price")
-        records.append((first_row + i, it.id, it.product_id, it.name, it.description, it.category, it.subcategory,
-                        gender if isinstance(gender, str) else None,
-                        float(price) if isinstance(price, (int, float)) and not isinstance(price, bool) else None,
+        records.append((first_row + i, it.id, it.product_id, it.name, it.description, *item_fields(it),
                         json.dumps(meta, default=str), _jpeg(it.image, quality),
                         np.ascontiguousarray(emb[i], dtype=np.float32).tobytes()))
     db.executemany("INSERT INTO items (row, id, product_id, name, description, category, subcategory, gender, price, "

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import binascii
 import ctypes
+import logging
 import queue
 import threading
 import time
@@ -31,6 +32,8 @@ from ..runtime.exported import ExportedModel
 from .admission import Admission
 from .errors import BadInput
 from .settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def check_text(text: str, max_chars: int) -> str:
@@ -136,7 +139,7 @@ class Engine(LocalBackend):
         providers = [p.strip() for p in settings.providers.split(",") if p.strip()] if settings.providers else None
         model = ExportedModel(self.model_dir, variant=settings.variant, threads=settings.threads, providers=providers)
         index = CatalogIndex(self.index_dir, model_hash=model.model_hash, threads=settings.threads,
-                             read_only=settings.index_read_only)
+                             read_only=settings.index_read_only, recall=settings.recall)
         super().__init__(model, index)
         self.model_version = f"{model.model_hash[:12]}/{model.variant}"
         self.users = 0  # requests holding this engine (changed on the event loop)
@@ -152,6 +155,12 @@ class Engine(LocalBackend):
                                          lambda n, seconds: admission.text_s.observe(seconds / n))
         self.cross_batcher = MicroBatcher("cross", model.rerank_jobs, settings.batch_max_pairs, settings.batch_wait_ms,
                                           on_cross)
+        # The rerank on Ray Serve replicas (service/rerankers.py) instead of this process's cross-encoder.
+        self.remote = None
+        if settings.rerankers:
+            from .rerank_client import RerankClient
+
+            self.remote = RerankClient(settings.rerankers, model.model_hash, index.manifest["built"])
         self.pipeline = SearchPipeline(self, model.manifest)
         self._warm_up()
 
@@ -166,6 +175,15 @@ class Engine(LocalBackend):
         started = time.perf_counter()
         self.index.search(text[0], 100)
         self.admission.recall_s.observe(time.perf_counter() - started)
+        if self.remote is not None:
+            from ..index.search import RerankUnavailable
+
+            try:
+                found = self.remote.probe()
+                log.info("Reranking on the replicas at %s (a replica holds model %s).", self.remote.url,
+                         str(found.get("model"))[:12])
+            except RerankUnavailable as exc:
+                log.warning("%s: searches return the recall order until they answer.", exc)
 
     @property
     def index_version(self) -> str:
@@ -176,6 +194,8 @@ class Engine(LocalBackend):
         system even while something still holds this object (a request's stored traceback)."""
         self.text_batcher.close()
         self.cross_batcher.close()
+        if self.remote is not None:
+            self.remote.close()
         self.index.close()
         self.model = self.pipeline = self.text_batcher = self.cross_batcher = None
         threading.Thread(target=_return_memory, name="return-memory", daemon=True).start()
@@ -188,6 +208,16 @@ class Engine(LocalBackend):
 
     async def match_logits(self, text_states: np.ndarray, patch_states: np.ndarray) -> np.ndarray:
         return await self.cross_batcher((text_states, patch_states), size=len(patch_states))
+
+    async def rerank_logits(self, text: str, text_states: np.ndarray, rows: list[int],
+                            deadline: float | None) -> np.ndarray | None:
+        if self.remote is None:
+            return await super().rerank_logits(text, text_states, rows, deadline)
+        started = time.perf_counter()
+        logits = await self.remote.logits(text, rows, deadline)
+        if logits is not None:
+            self.admission.pair_s.observe((time.perf_counter() - started) / max(len(rows), 1))
+        return logits
 
     async def encode_image(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         started = time.perf_counter()

@@ -9,6 +9,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
+from ..index.milvus import MilvusError
+
 
 class BadInput(ValueError):
     """A request's content is unusable (the message says why); answered with 422."""
@@ -65,4 +67,9 @@ async def http_error(request: Request, exc: HTTPException):
     return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
 
-HANDLERS = {RequestValidationError: invalid, BadInput: bad_input, Busy: busy, HTTPException: http_error}
+async def recall_down(request: Request, exc: MilvusError):
+    return error(503, f"the recall backend is unavailable: {exc}", {"Retry-After": "5"})
+
+
+HANDLERS = {RequestValidationError: invalid, BadInput: bad_input, Busy: busy, HTTPException: http_error,
+            MilvusError: recall_down}

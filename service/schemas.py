@@ -64,6 +64,8 @@ class SearchResponse(BaseModel):
     timings_ms: dict[str, float]
     reranked: int
     deadline_exceeded: bool
+    rerank_error: str | None = Field(None, description="why the list is in recall order although a rerank was "
+                                     "asked for (the rerank replicas down or overloaded); null otherwise")
     model_version: str
     index_version: str
 

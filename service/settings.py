@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     allowed_hosts: str = Field("127.0.0.1,localhost,::1", description="comma-separated Host names served, or *")
     index_read_only: bool | None = Field(None, description="serve the index read-only; default: when its "
                                          "directory is not writable")
+    recall: str | None = Field(None, description="milvus://HOST:PORT/COLLECTION to recall from instead of the one "
+                                                 "the index was built with")
+    rerankers: str | None = Field(None, description="http://HOST:PORT of cross-encoder replicas on Ray Serve "
+                                  "(`fashionbert rerankers`) to run /search's rerank on; default: in this process")
 
     max_body_bytes: int = Field(12 * 1024 * 1024, ge=1024, description="request bodies, chunked or not")
     max_text_chars: int = Field(1000, ge=1)

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from fashionbert.index.search import SearchPipeline
+from fashionbert.index.search import LocalBackend, RerankUnavailable, SearchPipeline
 from fashionbert.index.store import Hit
 from fashionbert.runtime.exported import ExportedModel
 from fashionbert.runtime.scoring import fused_scores, sigmoid
@@ -18,7 +18,7 @@ COSINES = [0.9, 0.8, 0.7, 0.6, 0.5]
 MANIFEST = {"itc_scale": 10.0, "cross_weight": 0.5}
 
 
-class Backend:
+class Backend(LocalBackend):
     """Recall returns items 0..4 by falling cosine; the cross-encoder answers `logits` after `delay` s."""
 
     def __init__(self, logits, delay: float = 0.0):
@@ -41,6 +41,18 @@ class Backend:
         await asyncio.sleep(self.delay)
         self.cross_runs.append(len(patch_states))
         return self.logits[: len(patch_states)]
+
+
+class DownBackend(Backend):
+    async def rerank_logits(self, text, text_states, rows, deadline):
+        raise RerankUnavailable("the rerankers at http://x/ are unreachable")
+
+
+def test_a_rerank_that_cannot_run_returns_the_recall_order_with_the_reason():
+    result = asyncio.run(SearchPipeline(DownBackend([1.0] * 4), MANIFEST).search(text="navy shirt", k=5, rerank_k=4))
+    assert result.reranked == 0 and not result.deadline_exceeded and "unreachable" in result.rerank_error
+    assert [r.id for r in result.results] == [f"item{i}" for i in range(5)]
+    assert all(r.match_probability is None for r in result.results)
 
 
 def test_rerank_orders_the_top_k_by_the_fused_score_and_keeps_the_tail():

@@ -6,6 +6,7 @@ from fastapi import HTTPException
 from fastapi.responses import Response
 
 from ...catalog.items import CatalogItem
+from ...index.milvus import MilvusError
 from ..admission import Work
 from ..engine import Engine, decode_in_thread
 from ..schemas import Deleted, ItemOut, NewItem
@@ -56,6 +57,8 @@ async def add_item(req: NewItem, eng: EngineDep, state: StateDep, settings: Sett
     with state.admission.admit(Work(images=1)):
         try:
             await eng.add_item(item)
+        except MilvusError:
+            raise
         except ValueError as exc:  # an id added meanwhile, ReadOnlyIndex, or the directory rebuilt under this engine
             raise HTTPException(409, str(exc)) from None
     metrics.index_size.set(len(eng.index))
@@ -67,6 +70,8 @@ async def delete_item(item_id: str, eng: EngineDep, metrics: MetricsDep):
     refuse_unwritable(eng, "delete items")
     try:
         found = await eng.delete_item(item_id)
+    except MilvusError:
+        raise
     except ValueError as exc:  # ReadOnlyIndex, or the directory rebuilt under this engine
         raise HTTPException(409, str(exc)) from None
     if not found:

@@ -33,7 +33,7 @@ async def search(req: SearchRequest, eng: EngineDep, state: StateDep, settings: 
                                            deadline=started + settings.deadline_ms / 1000)
     if rerank:
         metrics.rerank_requested.inc()
-        if result.deadline_exceeded:
+        if result.deadline_exceeded or result.rerank_error:
             metrics.rerank_lost.inc()
     timings.update(result.timings_ms)
     meta = eng.index.items_by_row([r.row for r in result.results])
@@ -51,4 +51,5 @@ async def search(req: SearchRequest, eng: EngineDep, state: StateDep, settings: 
     timings["total"] = (time.perf_counter() - started) * 1000
     return SearchResponse(items=items, timings_ms={k: round(v, 2) for k, v in timings.items()},
                           reranked=result.reranked, deadline_exceeded=result.deadline_exceeded,
+                          rerank_error=result.rerank_error,
                           model_version=eng.model_version, index_version=eng.index_version)
