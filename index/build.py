@@ -10,6 +10,7 @@ import json
 import logging
 import sqlite3
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
@@ -153,12 +154,13 @@ def build(model, catalog, out: str | Path, cfg: IndexConfig = IndexConfig(), spl
             index.add_with_ids(emb, np.arange(1, n + 1, dtype=np.int64))
             with staged_file(tmp / "vectors.1.faiss") as vectors:
                 faiss.write_index(index, str(vectors))
+            build_id = uuid.uuid4().hex
             if recall:
-                recall = load_milvus(recall, model, cfg, emb, all_fields, progress)
+                recall = load_milvus(recall, model, cfg, emb, all_fields, progress, build_id)
             sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
             manifest = {"format": FORMAT, "model_hash": model.model_hash, "embed_dim": model.embed_dim,
                         "hidden_size": model.hidden_size, "num_patches": model.num_patches, "config": asdict(cfg),
-                        "items_at_build": n, "split": split, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        "items_at_build": n, "split": split, "build_id": build_id, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "seconds": round(time.perf_counter() - start, 1), "encode_images_per_s": round(n / max(encode_seconds, 1e-9), 1),
                         "from_cached_features": reused, **({"recall": recall} if recall else {}),
                         "bytes_per_item": {"patch_states": patches.bytes_per_item,
@@ -173,11 +175,12 @@ def build(model, catalog, out: str | Path, cfg: IndexConfig = IndexConfig(), spl
     return manifest
 
 
-def load_milvus(uri: str, model, cfg: IndexConfig, emb: np.ndarray, fields: list[tuple], progress: bool) -> str:
+def load_milvus(uri: str, model, cfg: IndexConfig, emb: np.ndarray, fields: list[tuple], progress: bool,
+                build_id: str) -> str:
     """Replace the Milvus collection at `uri` with these embeddings (rows 1..n); its address."""
     from .milvus import MilvusRecall
 
-    remote = MilvusRecall(uri, model.embed_dim, cfg, model.model_hash, create=True)
+    remote = MilvusRecall(uri, model.embed_dim, cfg, model.model_hash, create=True, build_id=build_id)
     try:
         rows = np.arange(1, len(emb) + 1, dtype=np.int64)
         step = 4096

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -63,9 +64,16 @@ class MilvusAddress:
         return f"milvus://{self.host}:{self.port}/{self.collection}"
 
 
+TEXT_BYTES = 512
+
+
 def _text(value) -> str:
-    # SQLite filters compare these fields case-insensitively: Milvus holds them lowercased.
-    return value.lower() if isinstance(value, str) else ""
+    # SQLite filters compare these fields case-insensitively: Milvus holds them lowercased, cut to
+    # the field's size (a longer value then matches no expression, and its filtered lists come
+    # back short: CatalogIndex scores those exactly).
+    if not isinstance(value, str):
+        return ""
+    return value.lower().encode()[:TEXT_BYTES].decode(errors="ignore")
 
 
 def filter_expr(filters) -> str:
@@ -90,12 +98,14 @@ class MilvusRecall:
     """One collection: `row` (the SQLite row number) as the primary key, the embedding, the filter
     fields. `kind`: flat, ivf or hnsw (the index's IndexConfig kinds), with its parameters."""
 
-    def __init__(self, uri: str, dim: int, config, model_hash: str, create: bool = False, timeout: float = 30.0):
+    def __init__(self, uri: str, dim: int, config, model_hash: str, create: bool = False, timeout: float = 30.0,
+                 build_id: str = ""):
         pymilvus = _pymilvus()
         MilvusException, connections = pymilvus.MilvusException, pymilvus.connections
 
         self.address = MilvusAddress.parse(uri)
         self.dim, self.config, self.model_hash, self.timeout = dim, config, model_hash, timeout
+        self.build_id = build_id  # the index directory's build: a collection serves one build only
         self._exc = MilvusException
         self.alias = f"fashionbert-{id(self)}"
         try:
@@ -103,7 +113,16 @@ class MilvusRecall:
                                 timeout=max(int(math.ceil(timeout)), 1))
         except Exception as exc:  # pymilvus raises its own and grpc's errors
             raise MilvusError(f"cannot reach Milvus at {self.address.host}:{self.address.port} ({_reason(exc)})") from None
-        self._open(create)
+        try:
+            self._open(create)
+        except MilvusError:
+            raise
+        except IndexError_:
+            raise
+        except Exception as exc:
+            if type(exc).__module__.startswith(("grpc", "pymilvus")):
+                raise MilvusError(f"Milvus at {self.address.host}:{self.address.port}: {_reason(exc)}") from None
+            raise
 
     # Collections -------------------------------------------------------------------------------
 
@@ -124,11 +143,20 @@ class MilvusRecall:
         self.items.load(timeout=self.timeout)
         self.meta.load(timeout=self.timeout)
         found = self._meta_row()
+        for _ in range(20):  # a server that has just restarted may answer before its data is loaded
+            if found is not None or create:
+                break
+            time.sleep(1)
+            found = self._meta_row()
         if found is None:
             raise MilvusError(f"{self.address}: its meta collection is empty: rebuild the index")
         if found["model"] != self.model_hash:
             raise IndexError_(f"{self.address} holds embeddings of model {found['model']}, but the index directory's "
                               f"model is {self.model_hash}: rebuild the index with --recall {self.address}")
+        if self.build_id and found.get("build") != self.build_id:
+            raise MilvusError(f"{self.address} holds another build of the index ({found.get('build')}; this "
+                              f"directory's is {self.build_id}): rebuild the index with --recall {self.address}, or "
+                              f"point --recall at the collection it was built with")
         dim = next(f.params["dim"] for f in self.items.schema.fields if f.name == "embedding")
         if dim != self.dim:
             raise MilvusError(f"{self.address}: embeddings of {dim} dimensions, the index has {self.dim}")
@@ -138,7 +166,7 @@ class MilvusRecall:
 
         fields = [FieldSchema("row", DataType.INT64, is_primary=True, auto_id=False),
                   FieldSchema("embedding", DataType.FLOAT_VECTOR, dim=self.dim),
-                  *[FieldSchema(k, DataType.VARCHAR, max_length=512) for k in TEXT_FIELDS],
+                  *[FieldSchema(k, DataType.VARCHAR, max_length=TEXT_BYTES) for k in TEXT_FIELDS],
                   FieldSchema("price", DataType.DOUBLE), FieldSchema("has_price", DataType.BOOL)]
         items = Collection(self.address.collection, CollectionSchema(fields, description="fashionbert recall"),
                            using=self.alias, consistency_level="Session")
@@ -148,12 +176,14 @@ class MilvusRecall:
         meta_fields = [FieldSchema("key", DataType.INT64, is_primary=True, auto_id=False),
                        FieldSchema("generation", DataType.INT64),
                        FieldSchema("model", DataType.VARCHAR, max_length=128),
+                       FieldSchema("build", DataType.VARCHAR, max_length=128),
                        FieldSchema("unused", DataType.FLOAT_VECTOR, dim=2)]  # Milvus needs a vector field
         meta = Collection(self.address.collection + "_meta", CollectionSchema(meta_fields), using=self.alias,
                           consistency_level=STRONG)
         meta.create_index("unused", {"index_type": "FLAT", "metric_type": "L2", "params": {}})
         meta.load()
-        meta.upsert([{"key": 0, "generation": -1, "model": self.model_hash, "unused": [0.0, 0.0]}])
+        meta.upsert([{"key": 0, "generation": -1, "model": self.model_hash, "build": self.build_id,
+                      "unused": [0.0, 0.0]}])
 
     def _index_params(self) -> dict:
         kind = self.config.kind
@@ -165,7 +195,7 @@ class MilvusRecall:
         return {"index_type": "FLAT", "metric_type": "IP", "params": {}}
 
     def _meta_row(self, timeout: float | None = None) -> dict | None:
-        rows = self.meta.query("key == 0", output_fields=["generation", "model"], consistency_level=STRONG,
+        rows = self.meta.query("key == 0", output_fields=["generation", "model", "build"], consistency_level=STRONG,
                                timeout=max(int(math.ceil(timeout or self.timeout)), 1))
         return rows[0] if rows else None
 
@@ -173,11 +203,14 @@ class MilvusRecall:
 
     def generation(self) -> int:
         """The SQLite generation the collection holds every write of (-1: being built)."""
-        return int(self._call(self._meta_row, timeout=READ_TIMEOUT)["generation"])
+        found = self._call(self._meta_row, timeout=READ_TIMEOUT)
+        if found is None:
+            raise MilvusError(f"{self.address}: its meta collection is empty: rebuild the index")
+        return int(found["generation"])
 
     def set_generation(self, gen: int) -> None:
         self._call(self.meta.upsert, [{"key": 0, "generation": int(gen), "model": self.model_hash,
-                                       "unused": [0.0, 0.0]}])
+                                       "build": self.build_id, "unused": [0.0, 0.0]}])
 
     # Writes ------------------------------------------------------------------------------------
 

@@ -232,7 +232,8 @@ class CatalogIndex:
             if recall:
                 from .milvus import MilvusRecall
 
-                self._remote = MilvusRecall(recall, self.embed_dim, self.config, m["model_hash"])
+                self._remote = MilvusRecall(recall, self.embed_dim, self.config, m["model_hash"],
+                                            build_id=m.get("build_id", ""))
             self._sync()
         except BaseException:
             self.close()
@@ -351,6 +352,11 @@ class CatalogIndex:
     # FAISS -------------------------------------------------------------------------------------
 
     @property
+    def recall(self) -> str | None:
+        """The Milvus address recall runs on, or None for the in-process FAISS."""
+        return None if self._remote is None else str(self._remote.address)
+
+    @property
     def faiss(self):
         """The in-memory FAISS index, brought up to the database's generation first."""
         if self._remote is not None:
@@ -436,9 +442,10 @@ class CatalogIndex:
             self._remote_gen, self._remote_strong = gen, True
             return
         if self.read_only:
-            log.warning("%s: %s is behind the item database (an interrupted update?); this read-only instance "
-                        "serves it as it is, and filtered lists stay exact.", self.dir, self._remote.address)
-            self._remote_gen = gen
+            # A writer between its SQLite commit and its Milvus write, or one that died there: served
+            # as it is (results are checked against SQLite, short lists scored exactly).
+            log.debug("%s: %s is behind the item database; serving it as it is.", self.dir, self._remote.address)
+            self._remote_gen, self._remote_strong = gen, True
             return
         with self._writing():
             pass
@@ -589,11 +596,28 @@ class CatalogIndex:
         k = min(n, available)
         if not k:
             return []
+        # Strong until one Strong search has succeeded since another process wrote (Session sees
+        # only this process's writes); the flag is cleared only after that search returns.
+        strong = self._remote_strong
         # A few spare results cover rows deleted from SQLite and not yet from Milvus.
-        strong, self._remote_strong = self._remote_strong, False
         found = self._remote.search(query[0], k + 8, filter_expr(filters) if active else "", strong=strong)
-        items = self.items_by_row([r for r, _ in found])
-        hits = [Hit(r, items[r]["id"], s) for r, s in found if r in items][:k]
+        if strong:
+            self._remote_strong = False
+        rows = list(dict.fromkeys(r for r, _ in found))  # an insert retried by a repair can return a row twice
+        if active:  # SQLite decides what passes the filter (its case folding, its NULLs)
+            where, args = filters.sql()
+            marks = ",".join("?" * len(rows))
+            passing = {r for (r,) in self.db.execute(f"SELECT row FROM items WHERE row IN ({marks}) AND ({where})",
+                                                     [*rows, *args])} if rows else set()
+        else:
+            passing = None
+        items = self.items_by_row(rows)
+        seen, hits = set(), []
+        for r, score in found:
+            if r in items and r not in seen and (passing is None or r in passing):
+                seen.add(r)
+                hits.append(Hit(r, items[r]["id"], score))
+        hits = hits[:k]
         if len(hits) < k:  # an approximate index returned a short filtered list: score the allowed rows exactly
             allowed = None
             if active:

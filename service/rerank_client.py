@@ -21,6 +21,7 @@ import numpy as np
 from ..index.search import RerankUnavailable
 
 log = logging.getLogger(__name__)
+CONNECT_S = 1.0
 
 
 class RerankClient:
@@ -40,8 +41,14 @@ class RerankClient:
             if left is not None and left <= 0:
                 return None
             body["budget_ms"] = None if left is None else left * 1000
+            total = self.timeout_s if left is None else left
             try:
-                resp = await self.client.post(self.url, json=body, timeout=self.timeout_s if left is None else left)
+                # httpx's timeout is per phase: connecting gets at most a second, so a host that drops
+                # packets is reported as unreachable rather than waited on for the whole deadline.
+                resp = await self.client.post(self.url, json=body,
+                                              timeout=httpx.Timeout(total, connect=min(total, CONNECT_S)))
+            except httpx.ConnectTimeout:
+                problem = f"the rerankers at {self.url} did not accept a connection within {CONNECT_S:g} s"
             except httpx.TimeoutException:
                 if deadline is not None:
                     return None
@@ -50,7 +57,13 @@ class RerankClient:
                 problem = f"the rerankers at {self.url} are unreachable ({type(exc).__name__})"
             else:
                 if resp.status_code == 200:
-                    return np.asarray(resp.json()["logits"], dtype=np.float32)
+                    try:
+                        logits = np.asarray(resp.json()["logits"], dtype=np.float32)
+                    except (ValueError, KeyError, TypeError):
+                        raise RerankUnavailable(f"the rerankers at {self.url} answered 200 without logits") from None
+                    if logits.shape != (len(rows),):
+                        raise RerankUnavailable(f"the rerankers answered {logits.size} logits for {len(rows)} rows")
+                    return logits
                 if resp.status_code == 504:
                     return None
                 detail = _detail(resp)
@@ -83,6 +96,7 @@ class RerankClient:
 
 def _detail(resp: httpx.Response) -> str:
     try:
-        return str(resp.json().get("detail", ""))[:300]
+        body = resp.json()
     except ValueError:
         return resp.text[:300].strip()
+    return str(body.get("detail", "") if isinstance(body, dict) else body)[:300]

@@ -80,11 +80,14 @@ class Reranker:
         if m["model_hash"] != self.model.model_hash:
             raise IndexError_(f"{self.index_dir} was built with model {m['model_hash'][:12]}, the replica holds "
                               f"{self.model.model_hash[:12]}")
-        if self.patches is not None:
-            self.patches.close()
+        # Swapped, not closed: a batch may still be reading the old one (its maps go with it).
         self.patches = PatchFile(self.index_dir, m["num_patches"], m["hidden_size"], m["config"]["patch_dtype"],
                                  read_only=True)
         self.index_built = m["built"]
+
+    def rows_held(self) -> int:
+        """Rows the patch file has states for (it grows as the API adds items)."""
+        return os.path.getsize(self.patches.path) // self.patches.record
 
     def check(self, model: str, index: str) -> str | None:
         """None when this replica holds the caller's model and index, else why not (after re-reading
@@ -92,8 +95,10 @@ class Reranker:
         if model != self.model.model_hash:
             return f"the replica holds model {self.model.model_hash[:12]}, the caller {model[:12]}"
         if index != self.index_built:
-            try:
-                self._open_patches()
+            try:  # reopened only when the directory holds another build than the one open
+                on_disk = json.loads((self.index_dir / "manifest.json").read_text())["built"]
+                if on_disk != self.index_built:
+                    self._open_patches()
             except (OSError, ValueError, KeyError) as exc:
                 return f"the replica could not reopen its index: {exc}"
             if index != self.index_built:
@@ -148,12 +153,16 @@ def deployment(replicas: int = 1, max_batch: int = 8, max_ongoing: int = 8, max_
             problem = self.reranker.check(req["model"], req["index"])
             if problem:
                 return JSONResponse({"detail": problem}, 409)
+            held = self.reranker.rows_held()
+            if max(req["rows"]) >= held:  # refused alone, before it joins a batch with others
+                return JSONResponse({"detail": f"the replica's patch file has no patch states for row "
+                                     f"{max(req['rows'])} (it holds {held} rows)"}, 409)
             budget = req["budget_ms"]
             job = {"text": req["text"], "rows": req["rows"],
                    "deadline": None if budget is None else received + budget / 1000}
             try:
                 logits = await self._score(job)
-            except IndexError_ as exc:  # a row past the patch file: the caller's index is newer
+            except IndexError_ as exc:  # the patch file changed under the batch
                 return JSONResponse({"detail": str(exc)}, 409)
             if logits is None:
                 return JSONResponse({"detail": "the deadline passed before the rerank ran"}, 504)

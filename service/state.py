@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
+from ..index.milvus import MilvusError
 from .admission import Admission
 from .engine import Engine
 from .metrics import Metrics
 from .settings import Settings
 
 log = logging.getLogger("fashionbert.service")
+RECALL_RETRY_S = 5
 
 
 class State:
@@ -34,9 +37,20 @@ class State:
         return Engine(settings, self.admission, on_batch=self.metrics.batch.observe)
 
     def load_initial(self) -> None:
-        """The engine of the settings' model and index (run beside the event loop: it takes seconds)."""
+        """The engine of the settings' model and index (run beside the event loop: it takes seconds).
+        A recall server (Milvus) that cannot be reached yet is waited for, as a database would be."""
         try:
-            engine = self.new_engine()
+            while True:
+                try:
+                    engine = self.new_engine()
+                    break
+                except MilvusError as exc:
+                    if "cannot reach" not in str(exc) and "unavailable" not in str(exc).lower():
+                        raise
+                    self.load_error = str(exc)
+                    log.warning("%s; trying again in %d s.", exc, RECALL_RETRY_S)
+                    time.sleep(RECALL_RETRY_S)
+            self.load_error = None
             self.set_engine(engine)  # the first engine: no old one to hand over, safe from this thread
             log.info("Serving %s with index %s (%d items%s).", engine.model_version, self.settings.index_dir,
                      len(engine.index), ", read-only" if engine.index.read_only else "")

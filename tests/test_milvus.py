@@ -7,6 +7,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
+from dataclasses import replace
 
 import httpx
 import numpy as np
@@ -182,8 +184,10 @@ def test_an_add_is_found_at_once_a_delete_never_again_and_both_survive_a_restart
     index.add(new, model)
     for i, it in enumerate(new):
         assert index.search(e[i], 1)[0].id == it.id
+    deleted_row = index.rows_of([new[0].id])[new[0].id]
     index.delete([new[0].id])
     assert new[0].id not in ids(index.search(e[0], base + 3))
+    assert deleted_row not in set(index._remote.rows().tolist())  # gone from Milvus itself, not only from SQLite
     index.close()
 
     server.stop()
@@ -216,6 +220,7 @@ def test_a_kill_9_of_milvus_mid_batch_loses_no_acknowledged_item(writable, model
     started.wait(120)
     while len(acknowledged) < 4 and t.is_alive():
         t.join(0.05)
+    assert t.is_alive(), "the batch ended before the kill"  # the kill lands mid-batch
     server.kill()
     server.start()  # as a supervisor would; the writer's calls in between fail or wait for it
     t.join(600)
@@ -228,11 +233,42 @@ def test_a_kill_9_of_milvus_mid_batch_loses_no_acknowledged_item(writable, model
     e, _ = model.encode_images(np.stack([it.image for it in new]))
     present = set(ids(healed.search(e[0], len(healed))))
     assert set(acknowledged) <= present
+    held = set(healed._remote.rows().tolist())  # in Milvus itself, not only found by the exact fallback
+    assert set(healed.rows_of(acknowledged).values()) <= held
     for i, it in enumerate(new):
         if it.id in acknowledged:
             assert healed.search(e[i], 1)[0].id == it.id
     assert len(healed) >= base + len(acknowledged)
     healed.close()
+
+
+def test_a_collection_behind_the_database_is_repaired_on_open(writable, model, items):
+    # As after a writer that died between its SQLite commit and Milvus: two rows missing from
+    # Milvus, one there that the database does not have, the generation not recorded.
+    index = CatalogIndex(writable)
+    train = [it for it in items if it.split == "train"]
+    lost = sorted(index.rows_of([train[0].id, train[1].id]).values())
+    index._remote.delete(lost)
+    e, _ = model.encode_images(np.stack([train[2].image]))
+    index._remote.upsert(np.array([10**6], dtype=np.int64), e, [{"category": "x", "subcategory": "x", "price": 1.0}])
+    index._remote.set_generation(-1)
+    index.close()
+    healed = CatalogIndex(writable)
+    rows, _ = healed.embeddings()
+    assert sorted(healed._remote.rows().tolist()) == sorted(rows.tolist())
+    assert healed._remote.generation() == healed.generation()
+    healed.close()
+
+
+def test_an_item_with_fields_longer_than_milvus_holds_is_still_found_by_its_filter(writable, model, items):
+    long = "x" * 700  # Milvus keeps 512 bytes of it
+    it = replace(next(i for i in items if i.split == "validation"), id="long-fields", category=long)
+    index = CatalogIndex(writable)
+    index.add([it], model)
+    e, _ = model.encode_images(np.stack([it.image]))
+    assert ids(index.search(e[0], 5, Filters(category=long))) == ["long-fields"]
+    assert ids(index.search(e[0], 1)) == ["long-fields"]
+    index.close()
 
 
 def test_a_search_while_milvus_is_down_is_a_clear_error(writable, model, server, queries):
@@ -251,6 +287,11 @@ def test_the_collection_is_checked_against_the_model(writable, server):
     with pytest.raises(IndexError_, match="holds embeddings of model"):
         MilvusRecall(server.uri("w_" + "test_the_collection_is_checked_against_the_model"[-40:]), 64,
                      IndexConfig(), "another-model-hash")
+    built = CatalogIndex(writable)
+    uri, model_hash = built.recall, built.manifest["model_hash"]
+    built.close()
+    with pytest.raises(MilvusError, match="another build of the index"):
+        MilvusRecall(uri, 64, IndexConfig(), model_hash, build_id="a-different-build")
     with pytest.raises(MilvusError, match="no such collection"):
         MilvusRecall(server.uri("never_built"), 64, IndexConfig(), "x")
     with pytest.raises(MilvusError, match="cannot reach Milvus"):
@@ -297,10 +338,33 @@ def test_the_api_searches_through_milvus_and_answers_503_while_it_is_down(both, 
                 assert [x["id"] for x in a["items"]] == [x["id"] for x in b["items"]]
             assert c.get(on_milvus.url + "/readyz").json()["status"] == "ready"
             server.stop()
+            late = Api(tiny_model_dir, root / "milvus")  # started while Milvus is down: it waits for it
+            late.log = open(root / "late.log", "a")
+            late.proc = subprocess.Popen([sys.executable, "-m", "fashionbert.cli", "serve", "--port", str(late.port),
+                                          "--model", str(tiny_model_dir), "--index", str(root / "milvus")],
+                                         env=late.env, stdout=late.log, stderr=subprocess.STDOUT)
             try:
                 down = c.post(on_milvus.url + "/search", json={"text": texts[0]})
+                waiting = None
+                for _ in range(120):
+                    try:
+                        waiting = c.get(late.url + "/readyz")
+                        if "waiting for the recall server" in waiting.text:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    time.sleep(0.5)
             finally:
                 server.start()
+            try:
+                assert waiting is not None and waiting.status_code == 503 and "cannot reach Milvus" in waiting.text
+                for _ in range(120):  # ready once Milvus is back, without a restart
+                    if c.get(late.url + "/readyz").status_code == 200:
+                        break
+                    time.sleep(0.5)
+                assert c.post(late.url + "/search", json={"text": texts[0], "k": 3}).status_code == 200
+            finally:
+                late.stop()
             assert down.status_code == 503 and down.headers["Retry-After"] == "5", down.text
             assert "recall backend is unavailable" in down.json()["detail"] and "Traceback" not in down.text
             back = c.post(on_milvus.url + "/search", json={"text": texts[0], "k": 10})

@@ -4,6 +4,7 @@ hop, bad requests refused, and a replica killed under load costing no 5xx. Nothi
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import os
 import signal
@@ -19,6 +20,7 @@ import pytest
 from fashionbert.catalog.readers import open_catalog
 from fashionbert.index.build import build
 from fashionbert.runtime.exported import ExportedModel
+from fashionbert.service.rerank_client import RerankClient
 
 from .test_service import Server, free_port
 
@@ -86,6 +88,18 @@ def setup(tiny_model_dir, demo_catalog, tmp_path_factory):
     assert not leftover, f"Ray processes left after the rerankers stopped: {leftover}"
 
 
+def replicas_seen(url: str, want: int = 2, probes: int = 200) -> set[int]:
+    """Replica pids answering probes, 8 at a time (Ray may send sequential ones all to one replica),
+    until `want` distinct ones have answered or `probes` were sent."""
+    seen: set[int] = set()
+    with httpx.Client(timeout=30) as c, cf.ThreadPoolExecutor(8) as pool:
+        for _ in range(probes // 8):
+            seen |= set(pool.map(lambda _: c.get(url).json()["replica"], range(8)))
+            if len(seen) >= want:
+                break
+    return seen
+
+
 def captions(items, n=12):
     return [it.caption for it in items if it.split == "validation"][:n]
 
@@ -119,7 +133,26 @@ def test_a_replica_refuses_bad_requests_clearly(setup, tiny_model_dir):
             assert r.status_code == status and message in r.json()["detail"], (body, r.status_code, r.text)
 
 
-def test_the_deadline_crosses_the_hop(setup, tiny_model_dir, items):
+def test_the_deadline_crosses_the_hop(setup):
+    # The client sends the time left; past it, the replica drops the request unrun (504) or the
+    # call stops waiting: either way no logits, and the pipeline returns the recall order.
+    replicas, *_ = setup
+    probe = httpx.get(replicas.url, timeout=30).json()
+    client = RerankClient(replicas.url, probe["model"], probe["index"])
+
+    async def calls():
+        try:
+            return (await client.logits("a red dress", [0, 1, 2], None),
+                    await client.logits("a red dress", [0, 1, 2], time.perf_counter() + 0.0005),
+                    await client.logits("a red dress", [0, 1, 2], time.perf_counter() - 1))
+        finally:
+            await client.client.aclose()
+
+    ok, late, gone = asyncio.run(calls())
+    assert ok.shape == (3,) and late is None and gone is None
+
+
+def test_an_api_deadline_with_remote_rerankers_returns_the_recall_order(setup, tiny_model_dir, items):
     replicas, _, _, index_dir = setup
     s = Server(tiny_model_dir, index_dir, rerankers=replicas.url, deadline_ms=1).start()
     try:
@@ -152,7 +185,7 @@ def test_rerankers_down_give_the_recall_order_flagged_not_an_error(tiny_model_di
 def test_a_replica_killed_under_load_costs_no_5xx(setup, items):
     replicas, _, remote, _ = setup
     texts = captions(items, 8)
-    before = {httpx.get(replicas.url, timeout=30).json()["replica"] for _ in range(20)}
+    before = replicas_seen(replicas.url)
     assert len(before) == 2, before  # both replicas answer
     victim = min(before)
     results, stop = [], threading.Event()
@@ -182,8 +215,8 @@ def test_a_replica_killed_under_load_costs_no_5xx(setup, items):
     # Ray restarts the killed replica; the survivors served meanwhile.
     deadline = time.monotonic() + 120
     while True:
-        now = {httpx.get(replicas.url, timeout=30).json()["replica"] for _ in range(20)}
-        if len(now) == 2 and victim not in now:
+        now = replicas_seen(replicas.url) - {victim}
+        if len(now) == 2:
             break
         assert time.monotonic() < deadline, f"the killed replica was not replaced: {now}"
         time.sleep(1)

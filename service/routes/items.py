@@ -25,7 +25,7 @@ def item_out(eng: Engine, item_id: str) -> ItemOut:
 
 
 def refuse_unwritable(eng: Engine, what: str) -> None:
-    if eng.index.config.kind == "hnsw":
+    if eng.index.config.kind == "hnsw" and eng.index.recall is None:  # Milvus' HNSW takes writes
         raise HTTPException(409, f"this index is hnsw (rebuild-only): it cannot {what}")
     if eng.index.read_only:
         raise HTTPException(409, f"this index is served read-only (its directory is not writable): it cannot {what}")

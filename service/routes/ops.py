@@ -27,7 +27,10 @@ async def healthz():
 @router.get("/readyz", response_model=Ready, responses={503: {"model": Ready, "description": "loading or reloading"}})
 async def readyz(state: StateDep):
     if state.engine is None:
-        detail = "loading" if state.loading else f"failed: {state.load_error}"
+        if state.loading:
+            detail = f"loading, waiting for the recall server: {state.load_error}" if state.load_error else "loading"
+        else:
+            detail = f"failed: {state.load_error}"
         return JSONResponse({"status": detail}, 503, headers={"Retry-After": "5"})
     if state.reload_lock.locked():
         return JSONResponse({"status": "reloading", "model": state.engine.model_version}, 503,
