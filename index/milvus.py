@@ -4,7 +4,7 @@ in a Milvus collection instead of an in-process FAISS.
 The index directory stays the source of truth (SQLite: ids, metadata, images, embeddings; the patch
 file beside the rerankers); the collection is derived from it, like the FAISS vector files. Every
 write commits to SQLite first, then to Milvus, then records the SQLite generation it reached in a
-one-row meta collection. A writer that died in between leaves Milvus behind that generation: the
+meta collection. A writer that died in between leaves Milvus behind that generation: the
 next writer, or the next open, compares the rows and brings the collection up to date.
 
 Consistency: under Milvus' default (Bounded) an acknowledged delete was still returned, and an
@@ -140,13 +140,13 @@ class MilvusRecall:
             raise MilvusError(f"{self.address}: no such collection: build the index with --recall {self.address}")
         self.items = Collection(name, using=self.alias, consistency_level="Session")
         self.meta = Collection(meta, using=self.alias, consistency_level=STRONG)
-        self.items.load(timeout=self.timeout)
-        self.meta.load(timeout=self.timeout)
+        self._load()
         found = self._meta_row()
-        for _ in range(20):  # a server that has just restarted may answer before its data is loaded
+        for _ in range(30):  # a server that has just restarted may answer before its data is loaded
             if found is not None or create:
                 break
             time.sleep(1)
+            self._load()
             found = self._meta_row()
         if found is None:
             raise MilvusError(f"{self.address}: its meta collection is empty: rebuild the index")
@@ -160,6 +160,15 @@ class MilvusRecall:
         dim = next(f.params["dim"] for f in self.items.schema.fields if f.name == "embedding")
         if dim != self.dim:
             raise MilvusError(f"{self.address}: embeddings of {dim} dimensions, the index has {self.dim}")
+
+    def _load(self) -> None:
+        """Load both collections and wait until they are served (after a restart, load() can return
+        while the query nodes are still recovering, and queries then come back empty)."""
+        from pymilvus import utility
+
+        for collection in (self.items, self.meta):
+            collection.load(timeout=self.timeout)
+            utility.wait_for_loading_complete(collection.name, timeout=self.timeout, using=self.alias)
 
     def _create(self) -> None:
         from pymilvus import Collection, CollectionSchema, DataType, FieldSchema
@@ -182,8 +191,7 @@ class MilvusRecall:
                           consistency_level=STRONG)
         meta.create_index("unused", {"index_type": "FLAT", "metric_type": "L2", "params": {}})
         meta.load()
-        meta.upsert([{"key": 0, "generation": -1, "model": self.model_hash, "build": self.build_id,
-                      "unused": [0.0, 0.0]}])
+        meta.insert([self._meta_record(-1)])
 
     def _index_params(self) -> dict:
         kind = self.config.kind
@@ -194,10 +202,17 @@ class MilvusRecall:
             return {"index_type": "IVF_FLAT", "metric_type": "IP", "params": {"nlist": self.config.nlist or 1024}}
         return {"index_type": "FLAT", "metric_type": "IP", "params": {}}
 
+    def _meta_record(self, gen: int) -> dict:
+        return {"key": time.time_ns(), "generation": int(gen), "model": self.model_hash, "build": self.build_id,
+                "unused": [0.0, 0.0]}
+
     def _meta_row(self, timeout: float | None = None) -> dict | None:
-        rows = self.meta.query("key == 0", output_fields=["generation", "model", "build"], consistency_level=STRONG,
-                               timeout=max(int(math.ceil(timeout or self.timeout)), 1))
-        return rows[0] if rows else None
+        # The newest record wins. Records are only inserted (older ones deleted after): with one
+        # row upserted in place, a new client found the collection empty after a few restarts
+        # and a kill -9 of the server.
+        rows = self.meta.query("key >= 0", output_fields=["key", "generation", "model", "build"],
+                               consistency_level=STRONG, timeout=max(int(math.ceil(timeout or self.timeout)), 1))
+        return max(rows, key=lambda r: int(r["key"])) if rows else None
 
     # Generation --------------------------------------------------------------------------------
 
@@ -209,8 +224,9 @@ class MilvusRecall:
         return int(found["generation"])
 
     def set_generation(self, gen: int) -> None:
-        self._call(self.meta.upsert, [{"key": 0, "generation": int(gen), "model": self.model_hash,
-                                       "build": self.build_id, "unused": [0.0, 0.0]}])
+        record = self._meta_record(gen)
+        self._call(self.meta.insert, [record])
+        self._call(self.meta.delete, f"key < {record['key']}")  # never the newest
 
     # Writes ------------------------------------------------------------------------------------
 
@@ -296,8 +312,7 @@ class MilvusRecall:
                     raise
                 # A restarted server holds the collections unloaded: load them and try again.
                 log.warning("%s was restarted: loading its collections again.", self.address)
-                self.items.load(timeout=self.timeout)
-                self.meta.load(timeout=self.timeout)
+                self._load()
                 return fn(*args, timeout=seconds, **kwargs)
         except self._exc as exc:
             raise MilvusError(f"Milvus at {self.address.host}:{self.address.port}: {_reason(exc)}") from None

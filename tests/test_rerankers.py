@@ -152,19 +152,6 @@ def test_the_deadline_crosses_the_hop(setup):
     assert ok.shape == (3,) and late is None and gone is None
 
 
-def test_an_api_deadline_with_remote_rerankers_returns_the_recall_order(setup, tiny_model_dir, items):
-    replicas, _, _, index_dir = setup
-    s = Server(tiny_model_dir, index_dir, rerankers=replicas.url, deadline_ms=1).start()
-    try:
-        with httpx.Client(base_url=s.url, timeout=30) as c:
-            body = c.post("/search", json={"text": items[0].caption, "k": 5}).json()
-            plain = c.post("/search", json={"text": items[0].caption, "k": 5, "rerank": False}).json()
-        assert body["deadline_exceeded"] and body["reranked"] == 0
-        assert [x["id"] for x in body["items"]] == [x["id"] for x in plain["items"]]
-    finally:
-        s.stop()
-
-
 def test_rerankers_down_give_the_recall_order_flagged_not_an_error(tiny_model_dir, setup, items):
     _, _, _, index_dir = setup
     s = Server(tiny_model_dir, index_dir, rerankers=f"http://127.0.0.1:{free_port()}").start()
