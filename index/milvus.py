@@ -40,6 +40,11 @@ class MilvusError(IndexError_):
     """Milvus could not be reached, or its collection does not match the index."""
 
 
+class MilvusUnavailable(MilvusError):
+    """Milvus cannot serve the collection now but may soon: unreachable, or back from a restart and
+    not yet serving what it holds. Worth waiting for, unlike a collection that does not match."""
+
+
 @dataclass(frozen=True)
 class MilvusAddress:
     host: str
@@ -112,7 +117,7 @@ class MilvusRecall:
             connections.connect(alias=self.alias, host=self.address.host, port=str(self.address.port),
                                 timeout=max(int(math.ceil(timeout)), 1))
         except Exception as exc:  # pymilvus raises its own and grpc's errors
-            raise MilvusError(f"cannot reach Milvus at {self.address.host}:{self.address.port} ({_reason(exc)})") from None
+            raise MilvusUnavailable(f"cannot reach Milvus at {self.address.host}:{self.address.port} ({_reason(exc)})") from None
         try:
             self._open(create)
         except MilvusError:
@@ -149,7 +154,10 @@ class MilvusRecall:
             self._load()
             found = self._meta_row()
         if found is None:
-            raise MilvusError(f"{self.address}: its meta collection is empty: rebuild the index")
+            # Every build writes a meta record before it returns, so an empty meta collection is a
+            # server that is still recovering (seen after restarts and a kill -9: served again later).
+            raise MilvusUnavailable(f"{self.address}: its meta collection answers empty, as a Milvus server does while it "
+                                    f"is still recovering after a restart; if it stays so, rebuild the index")
         if found["model"] != self.model_hash:
             raise IndexError_(f"{self.address} holds embeddings of model {found['model']}, but the index directory's "
                               f"model is {self.model_hash}: rebuild the index with --recall {self.address}")
@@ -220,7 +228,7 @@ class MilvusRecall:
         """The SQLite generation the collection holds every write of (-1: being built)."""
         found = self._call(self._meta_row, timeout=READ_TIMEOUT)
         if found is None:
-            raise MilvusError(f"{self.address}: its meta collection is empty: rebuild the index")
+            raise MilvusUnavailable(f"{self.address}: its meta collection answers empty (recovering after a restart?)")
         return int(found["generation"])
 
     def set_generation(self, gen: int) -> None:
@@ -251,6 +259,8 @@ class MilvusRecall:
         """Seal what was written into segments, wait for their vector index and reload (a build's end;
         not needed for visibility)."""
         self._call(self.items.flush)
+        # The meta record too: sealed, a restarted server serves it from storage, not from its log.
+        self._call(self.meta.flush)
         utility = _pymilvus().utility
         self._call(utility.wait_for_index_building_complete, self.address.collection, index_name="embedding",
                    using=self.alias)

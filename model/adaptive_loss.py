@@ -66,5 +66,12 @@ class AdaptiveLossWeights:
         self.weights = w
         return {t: float(x) for t, x in zip(active, w)}
 
+    def current(self, losses: dict[str, torch.Tensor]) -> dict[str, float] | None:
+        """The last solved weights for these losses' tasks (None when their tasks differ)."""
+        active = [t for t in self.tasks if t in losses]
+        if len(active) != len(self.weights):
+            return None
+        return {t: float(x) for t, x in zip(active, self.weights)}
+
     def combine(self, losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
         return sum(weights[t] * losses[t] for t in weights)

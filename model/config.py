@@ -28,6 +28,14 @@ class TrainConfig:
     layers: int | None = None  # keep the first N layers of the backbone (None = all)
     tasks: tuple[str, ...] = TASKS
     loss_weighting: str = "adaptive"
+    # Solve the adaptive weights every N steps and keep them in between: each solve costs one
+    # partial backward pass per task (15 % of a step on either CPU class, bench/train_step.py), and
+    # the weights move slowly (0.24-0.28 over a whole default run).
+    weights_every: int = 1
+    # Keep the embeddings and the first N encoder layers at their pre-trained weights. The captions'
+    # states below them are then computed once per run instead of every step, and nothing is
+    # back-propagated through them for text (at most the layers below the fusion layers).
+    frozen_layers: int = 0
     batch_size: int = 48  # products per step: ITC's in-batch negatives
     subcategories_per_batch: int = 4  # groups per batch: subcategories, or neighbourhoods (below)
     # From the second epoch, groups are caption-embedding neighbourhoods: a product's hardest
@@ -124,6 +132,10 @@ class TrainConfig:
             raise ValueError("need calibration_products >= 0 and rerank_k >= 2")
         if not 0 <= self.dropout < 1:
             raise ValueError("dropout must be in [0, 1)")
+        if self.weights_every < 1:
+            raise ValueError("weights_every must be at least 1 (1 = solve the loss weights every step)")
+        if self.frozen_layers < 0:
+            raise ValueError("frozen_layers must be at least 0")
         if self.epochs < 1:
             raise ValueError("epochs must be at least 1")
         for name in ("max_minutes", "rerank_max_minutes"):
@@ -167,4 +179,18 @@ def new_model(cfg: TrainConfig, num_patches: int, patch_dim: int) -> tuple[Fashi
     # it (a run with `layers` set now builds only those layers, so its heads draw differently).
     if cfg.separate_fusion:
         model.separate_fusion_layers()
+    freeze_lower_layers(model, cfg.frozen_layers)
     return model, bert_dir
+
+
+def freeze_lower_layers(model: FashionBert, n: int) -> None:
+    """Fix the embeddings and the first n encoder layers (the towers' own, below the fusion layers);
+    the patch embeddings stay trainable, since they start from scratch."""
+    if not n:
+        return
+    # The adaptive rule reads gradient norms on the last layer below the fusion layers: it must train.
+    below = model.config.unimodal_layers
+    if n >= below:
+        raise ValueError(f"frozen_layers ({n}) must be below the {below} layers under the fusion layers")
+    for p in list(model.embeddings.parameters()) + [p for layer in model.encoder.layer[:n] for p in layer.parameters()]:
+        p.requires_grad_(False)

@@ -38,6 +38,8 @@ class SplitData:
     feats: torch.Tensor  # (N, P, D) float16
     product: np.ndarray  # (N,) int product index: rows of one product share it
     subcategory: np.ndarray  # (N,) int subcategory index
+    # (N, T, H) the captions' states after the frozen lower layers (TrainConfig.frozen_layers), once per run
+    text_cache: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -47,7 +49,8 @@ class SplitData:
         rows = np.asarray(rows)
         return SplitData(items=[self.items[r] for r in rows], ids=self.ids[rows], mask=self.mask[rows],
                          word_ids=[self.word_ids[r] for r in rows], feats=self.feats[rows], product=self.product[rows],
-                         subcategory=self.subcategory[rows])
+                         subcategory=self.subcategory[rows],
+                         text_cache=None if self.text_cache is None else self.text_cache[rows])
 
     def texts(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and mask of these rows, trimmed to their longest caption."""

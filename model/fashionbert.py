@@ -289,9 +289,18 @@ class FashionBert(nn.Module):
     # them through the same layers together. A search therefore computes a caption's states once
     # and each catalog image's states at index time; a rerank only runs the fusion layers.
 
-    def text_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, H) states below the fusion layers."""
-        return self.encoder(self.embeddings(ids), mask.bool(), 0, self.config.unimodal_layers)
+    def text_states(self, ids: torch.Tensor, mask: torch.Tensor, start: int = 0, after: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, H) states below the fusion layers; with `after`, the states
+        the first `start` layers gave (then `ids` is not read)."""
+        x = self.embeddings(ids) if after is None else after
+        return self.encoder(x, mask.bool(), start if after is not None else 0, self.config.unimodal_layers)
+
+    @torch.no_grad()
+    def lower_text_states(self, ids: torch.Tensor, mask: torch.Tensor, n: int, batch: int = 256) -> torch.Tensor:
+        """The captions' states after the embeddings and the first n layers, a batch at a time."""
+        out = [self.encoder(self.embeddings(ids[i : i + batch]), mask[i : i + batch].bool(), 0, n)
+               for i in range(0, len(ids), batch)]
+        return torch.cat(out)
 
     def image_states(self, feats: torch.Tensor) -> torch.Tensor:
         """(B, P, D) patch features -> (B, P, H) states below the fusion layers."""

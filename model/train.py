@@ -94,6 +94,11 @@ def _train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features
     val_data = load_split(catalog, "validation", store, tok, subcats, limit=cfg.val_products, seed=cfg.seed)
     calib_data = load_split(catalog, "train", store, tok, subcats, products=held.__contains__) if held else None
     store.close()
+    if cfg.frozen_layers:
+        model.eval()
+        train_data.text_cache = model.lower_text_states(train_data.ids, train_data.mask, cfg.frozen_layers)
+        log.info("The embeddings and the first %d layers stay frozen: the training captions' states below them "
+                 "are computed once.", cfg.frozen_layers)
 
     groups = param_groups(model, cfg)
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
@@ -147,7 +152,8 @@ def _train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features
                     g["lr"] = g["base_lr"] * factor
                 with autocast():
                     losses = step_losses(model, train_data, rows, cfg, tok, rng)
-                weights = weighting.update(losses, shared)
+                weights = weighting.current(losses) if state.step % cfg.weights_every else None
+                weights = weights or weighting.update(losses, shared)
                 loss = weighting.combine(losses, weights)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

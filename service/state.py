@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 
-from ..index.milvus import MilvusError
+from ..index.milvus import MilvusError, MilvusUnavailable
 from .admission import Admission
 from .engine import Engine
 from .metrics import Metrics
@@ -45,7 +45,7 @@ class State:
                     engine = self.new_engine()
                     break
                 except MilvusError as exc:
-                    if "cannot reach" not in str(exc) and "unavailable" not in str(exc).lower():
+                    if not isinstance(exc, MilvusUnavailable) and "unavailable" not in str(exc).lower():
                         raise
                     self.load_error = str(exc)
                     log.warning("%s; trying again in %d s.", exc, RECALL_RETRY_S)

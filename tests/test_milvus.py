@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import replace
 
 import httpx
@@ -337,10 +338,36 @@ def test_the_api_searches_through_milvus_and_answers_503_while_it_is_down(both, 
                 assert [x["id"] for x in a["items"]] == [x["id"] for x in b["items"]]
             assert c.get(on_milvus.url + "/readyz").json()["status"] == "ready"
             server.stop()
+            late = Api(tiny_model_dir, root / "milvus")  # started while Milvus is down: it waits for it
+            late.log = open(root / "late.log", "a")
+            late.proc = subprocess.Popen([sys.executable, "-m", "fashionbert.cli", "serve", "--port", str(late.port),
+                                          "--model", str(tiny_model_dir), "--index", str(root / "milvus")],
+                                         env=late.env, stdout=late.log, stderr=subprocess.STDOUT)
             try:
                 down = c.post(on_milvus.url + "/search", json={"text": texts[0]})
+                waiting = None
+                for _ in range(120):
+                    try:
+                        waiting = c.get(late.url + "/readyz")
+                        if "waiting for the recall server" in waiting.text:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    time.sleep(0.5)
             finally:
                 server.start()
+            try:
+                assert waiting is not None and waiting.status_code == 503 and "cannot reach Milvus" in waiting.text
+                # Ready once Milvus is back and serves the collections again, without a restart (a
+                # server back from a stop may answer a while before it serves the meta collection).
+                deadline = time.monotonic() + 240
+                while c.get(late.url + "/readyz").status_code != 200 and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                ready = c.get(late.url + "/readyz")
+                assert ready.status_code == 200, ready.text + (root / "late.log").read_text()[-3000:]
+                assert c.post(late.url + "/search", json={"text": texts[0], "k": 3}).status_code == 200
+            finally:
+                late.stop()
             assert down.status_code == 503 and down.headers["Retry-After"] == "5", down.text
             assert "recall backend is unavailable" in down.json()["detail"] and "Traceback" not in down.text
             back = c.post(on_milvus.url + "/search", json={"text": texts[0], "k": 10})

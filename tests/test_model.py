@@ -211,6 +211,46 @@ def test_the_default_budget_is_work_not_wall_clock_time():
     TrainConfig(max_minutes=30, rerank_max_minutes=5).validate()  # a cap is an explicit option
 
 
+def test_frozen_lower_layers_keep_their_weights_and_the_cached_states_give_the_same_losses(demo_data, tok):
+    from fashionbert.model.config import freeze_lower_layers
+
+    cfg = TrainConfig(batch_size=16, cross_texts=4, tia_negatives=3, subcategories_per_batch=2, frozen_layers=1)
+    model = tiny_model(num_layers=3, fusion_layers=1)
+    model.separate_fusion_layers()
+    freeze_lower_layers(model, 1)
+    frozen = list(model.embeddings.parameters()) + list(model.encoder.layer[0].parameters())
+    assert not any(p.requires_grad for p in frozen) and model.patch_embeddings.projection.weight.requires_grad
+    rows = np.arange(16)
+    plain = step_losses(model, demo_data, rows, cfg, tok, np.random.default_rng(0))
+    cached = demo_data.subset(np.arange(len(demo_data)))
+    cached.text_cache = model.lower_text_states(cached.ids, cached.mask, 1)
+    fast = step_losses(model, cached, rows, cfg, tok, np.random.default_rng(0))
+    for task in plain:
+        assert float(fast[task].detach()) == pytest.approx(float(plain[task].detach()), abs=1e-5), task
+    before = [p.detach().clone() for p in frozen]
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=0.01)
+    sum(fast.values()).backward()
+    optimizer.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, frozen))  # weight decay too leaves them alone
+    assert model.encoder.layer[1].output.dense.weight.grad is not None  # the first layer above trains
+    with pytest.raises(ValueError, match="frozen_layers"):  # the adaptive rule reads the last layer below fusion
+        freeze_lower_layers(model, 2)
+    with pytest.raises(ValueError, match="frozen_layers"):
+        TrainConfig(frozen_layers=-1).validate()
+
+
+def test_the_adaptive_weights_can_be_solved_every_few_steps():
+    weighting = AdaptiveLossWeights(["itc", "tia"])
+    w = torch.nn.Parameter(torch.ones(3))
+    losses = {"itc": (w * torch.tensor([3.0, 0.0, 0.0])).sum(), "tia": (w * torch.tensor([0.0, 1.0, 0.0])).sum()}
+    solved = weighting.update(losses, w)
+    assert solved["itc"] > solved["tia"]
+    assert weighting.current(losses) == solved  # kept between solves
+    assert weighting.current({"itc": losses["itc"]}) is None  # other tasks: solve again
+    with pytest.raises(ValueError, match="weights_every"):
+        TrainConfig(weights_every=0).validate()
+
+
 def test_the_learning_rate_schedule_ends_at_zero_with_or_without_a_cap():
     # By steps: warm-up over the first 6 %, then a linear decay that reaches zero at the last step.
     assert lr_factor(0, 100, 0.06) == 0.01 and lr_factor(3, 100, 0.06) == pytest.approx(0.5)
