@@ -104,13 +104,14 @@ class MilvusRecall:
     fields. `kind`: flat, ivf or hnsw (the index's IndexConfig kinds), with its parameters."""
 
     def __init__(self, uri: str, dim: int, config, model_hash: str, create: bool = False, timeout: float = 30.0,
-                 build_id: str = ""):
+                 build_id: str = "", recovery_s: int = 30):
         pymilvus = _pymilvus()
         MilvusException, connections = pymilvus.MilvusException, pymilvus.connections
 
         self.address = MilvusAddress.parse(uri)
         self.dim, self.config, self.model_hash, self.timeout = dim, config, model_hash, timeout
         self.build_id = build_id  # the index directory's build: a collection serves one build only
+        self.recovery_s = recovery_s  # how long an empty meta collection is waited for at open
         self._exc = MilvusException
         self.alias = f"fashionbert-{id(self)}"
         try:
@@ -120,14 +121,14 @@ class MilvusRecall:
             raise MilvusUnavailable(f"cannot reach Milvus at {self.address.host}:{self.address.port} ({_reason(exc)})") from None
         try:
             self._open(create)
-        except MilvusError:
-            raise
-        except IndexError_:
-            raise
-        except Exception as exc:
-            if type(exc).__module__.startswith(("grpc", "pymilvus")):
-                raise MilvusError(f"Milvus at {self.address.host}:{self.address.port}: {_reason(exc)}") from None
-            raise
+        except BaseException as exc:
+            self.close()  # a caller that tries again must not pile up connections
+            if isinstance(exc, IndexError_) or not type(exc).__module__.startswith(("grpc", "pymilvus")):
+                raise
+            # The server answered, but not with what it holds (a load that timed out after a
+            # restart, a node still starting): worth waiting for. What it holds that does not match
+            # the index is reported above, as a MilvusError or IndexError_.
+            raise MilvusUnavailable(f"Milvus at {self.address.host}:{self.address.port}: {_reason(exc)}") from None
 
     # Collections -------------------------------------------------------------------------------
 
@@ -147,7 +148,7 @@ class MilvusRecall:
         self.meta = Collection(meta, using=self.alias, consistency_level=STRONG)
         self._load()
         found = self._meta_row()
-        for _ in range(30):  # a server that has just restarted may answer before its data is loaded
+        for _ in range(self.recovery_s):  # a server that has just restarted may answer before its data is loaded
             if found is not None or create:
                 break
             time.sleep(1)

@@ -46,6 +46,7 @@ class AdaptiveLossWeights:
             raise ValueError(f"unknown loss weighting {mode!r}: use one of {', '.join(MODES)}")
         self.tasks, self.mode = list(tasks), mode
         self.weights = torch.full((len(tasks),), 1.0 / len(tasks))  # the paper starts from 1/L
+        self.active = list(tasks)  # the tasks `weights` are for
 
     def update(self, losses: dict[str, torch.Tensor], shared: torch.nn.Parameter | None = None) -> dict[str, float]:
         """Re-solve the weights for this step's losses; returns them by task."""
@@ -63,13 +64,13 @@ class AdaptiveLossWeights:
             n = torch.stack(norms)
             g = (n / n.sum().clamp(min=1e-12)) ** 2
             w = closed_form_weights(g)
-        self.weights = w
+        self.weights, self.active = w, active
         return {t: float(x) for t, x in zip(active, w)}
 
     def current(self, losses: dict[str, torch.Tensor]) -> dict[str, float] | None:
         """The last solved weights for these losses' tasks (None when their tasks differ)."""
         active = [t for t in self.tasks if t in losses]
-        if len(active) != len(self.weights):
+        if active != self.active or len(active) != len(self.weights):
             return None
         return {t: float(x) for t, x in zip(active, self.weights)}
 

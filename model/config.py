@@ -33,8 +33,8 @@ class TrainConfig:
     # the weights move slowly (0.24-0.28 over a whole default run).
     weights_every: int = 1
     # Keep the embeddings and the first N encoder layers at their pre-trained weights. The captions'
-    # states below them are then computed once per run instead of every step, and nothing is
-    # back-propagated through them for text (at most the layers below the fusion layers).
+    # states after them are then computed once per run instead of every step, and nothing is
+    # back-propagated through them for text (at most one fewer than the layers below the fusion layers).
     frozen_layers: int = 0
     batch_size: int = 48  # products per step: ITC's in-batch negatives
     subcategories_per_batch: int = 4  # groups per batch: subcategories, or neighbourhoods (below)
@@ -136,6 +136,8 @@ class TrainConfig:
             raise ValueError("weights_every must be at least 1 (1 = solve the loss weights every step)")
         if self.frozen_layers < 0:
             raise ValueError("frozen_layers must be at least 0")
+        if self.layers and self.frozen_layers and self.frozen_layers >= self.layers - min(self.fusion_layers, self.layers):
+            raise ValueError("frozen_layers must be below the layers under the fusion layers (layers - fusion_layers)")
         if self.epochs < 1:
             raise ValueError("epochs must be at least 1")
         for name in ("max_minutes", "rerank_max_minutes"):
@@ -184,8 +186,10 @@ def new_model(cfg: TrainConfig, num_patches: int, patch_dim: int) -> tuple[Fashi
 
 
 def freeze_lower_layers(model: FashionBert, n: int) -> None:
-    """Fix the embeddings and the first n encoder layers (the towers' own, below the fusion layers);
-    the patch embeddings stay trainable, since they start from scratch."""
+    """Fix the embeddings and the first n encoder layers (the towers' own, below the fusion layers).
+    The patch embeddings' projection, positions and LayerNorm stay trainable, since they start from
+    scratch; their segment row is the text's token-type table and stays as pre-trained, and so do
+    the word embeddings that the MLM head decodes with."""
     if not n:
         return
     # The adaptive rule reads gradient norms on the last layer below the fusion layers: it must train.

@@ -61,7 +61,7 @@ def step_losses(model: FashionBert, data: SplitData, rows: np.ndarray, cfg: Trai
 
     # Each text and image is encoded once below the fusion layers; the towers and the
     # cross-encoder's pairs all start from these states.
-    if data.text_cache is not None:  # the frozen lower layers' states, computed once per run
+    if cfg.frozen_layers and data.text_cache is not None:  # the frozen lower layers' states, computed once per run
         text_states = model.text_states(ids, mask, cfg.frozen_layers, data.text_cache[rows][:, : ids.shape[1]])
     else:
         text_states = model.text_states(ids, mask)  # (B, T, H)

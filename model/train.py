@@ -94,11 +94,6 @@ def _train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features
     val_data = load_split(catalog, "validation", store, tok, subcats, limit=cfg.val_products, seed=cfg.seed)
     calib_data = load_split(catalog, "train", store, tok, subcats, products=held.__contains__) if held else None
     store.close()
-    if cfg.frozen_layers:
-        model.eval()
-        train_data.text_cache = model.lower_text_states(train_data.ids, train_data.mask, cfg.frozen_layers)
-        log.info("The embeddings and the first %d layers stay frozen: the training captions' states below them "
-                 "are computed once.", cfg.frozen_layers)
 
     groups = param_groups(model, cfg)
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
@@ -112,6 +107,11 @@ def _train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features
         state = restore_checkpoint(run, ckpt, model, optimizer, weighting)
         log.info("Resuming %s at epoch %d, step %d (%.1f minutes of training done).", run, state.epoch + 1, state.step,
                  state.elapsed / 60)
+    if cfg.frozen_layers and state.epoch < cfg.epochs and not state.stopped:
+        # Without dropout: the frozen layers' states of a caption are the same at every step.
+        train_data.text_cache = model.eval().lower_text_states(train_data.ids, train_data.mask, cfg.frozen_layers)
+        log.info("The embeddings and the first %d layers stay frozen: the training captions' states below them "
+                 "were computed once (%.0f MB).", cfg.frozen_layers, train_data.text_cache.nbytes / 2**20)
     model.to(device).train()
     shared = model.last_shared_weight()  # where the adaptive rule reads gradient norms
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
@@ -202,6 +202,7 @@ def _train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features
         raise
     finally:
         log_file.close()
+        train_data.text_cache = None  # the loop's alone: the rerank stage encodes its own states
 
     stage = None
     if cfg.rerank_stage and (run / "model").is_dir():

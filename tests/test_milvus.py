@@ -16,7 +16,7 @@ import pytest
 
 from fashionbert.catalog.readers import open_catalog
 from fashionbert.index.build import build
-from fashionbert.index.milvus import MilvusAddress, MilvusError, MilvusRecall, filter_expr
+from fashionbert.index.milvus import MilvusAddress, MilvusError, MilvusRecall, MilvusUnavailable, filter_expr
 from fashionbert.index.milvus_local import LocalMilvus, free_port
 from fashionbert.index.store import CatalogIndex, Filters, IndexConfig, IndexError_
 from fashionbert.runtime.exported import ExportedModel
@@ -290,12 +290,20 @@ def test_the_collection_is_checked_against_the_model(writable, server):
     built = CatalogIndex(writable)
     uri, model_hash = built.recall, built.manifest["model_hash"]
     built.close()
-    with pytest.raises(MilvusError, match="another build of the index"):
+    with pytest.raises(MilvusError, match="another build of the index") as mismatch:
         MilvusRecall(uri, 64, IndexConfig(), model_hash, build_id="a-different-build")
-    with pytest.raises(MilvusError, match="no such collection"):
+    with pytest.raises(MilvusError, match="no such collection") as missing:
         MilvusRecall(server.uri("never_built"), 64, IndexConfig(), "x")
-    with pytest.raises(MilvusError, match="cannot reach Milvus"):
+    # Mismatches are final; an API waits only for what may come right (service/state.py).
+    assert not isinstance(mismatch.value, MilvusUnavailable) and not isinstance(missing.value, MilvusUnavailable)
+    with pytest.raises(MilvusUnavailable, match="cannot reach Milvus"):
         MilvusRecall(f"milvus://127.0.0.1:{free_port()}/x", 64, IndexConfig(), "x", timeout=3)
+    # A meta collection that answers empty (as a server recovering from a restart can): worth waiting for.
+    empty = MilvusRecall(server.uri("empty_meta"), 8, IndexConfig(), "h", create=True)
+    empty.meta.delete("key >= 0")
+    empty.close()
+    with pytest.raises(MilvusUnavailable, match="answers empty"):
+        MilvusRecall(server.uri("empty_meta"), 8, IndexConfig(), "h", recovery_s=1)
     for bad in ("http://h:1/c", "milvus://h:1/", "milvus://h:1/bad-name", "milvus://h:port/c"):
         with pytest.raises(ValueError):
             MilvusAddress.parse(bad)
@@ -344,19 +352,19 @@ def test_the_api_searches_through_milvus_and_answers_503_while_it_is_down(both, 
                                           "--model", str(tiny_model_dir), "--index", str(root / "milvus")],
                                          env=late.env, stdout=late.log, stderr=subprocess.STDOUT)
             try:
-                down = c.post(on_milvus.url + "/search", json={"text": texts[0]})
-                waiting = None
-                for _ in range(120):
-                    try:
-                        waiting = c.get(late.url + "/readyz")
-                        if "waiting for the recall server" in waiting.text:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    time.sleep(0.5)
-            finally:
-                server.start()
-            try:
+                try:
+                    down = c.post(on_milvus.url + "/search", json={"text": texts[0]})
+                    waiting = None
+                    for _ in range(120):
+                        try:
+                            waiting = c.get(late.url + "/readyz")
+                            if "waiting for the recall server" in waiting.text:
+                                break
+                        except httpx.HTTPError:
+                            pass
+                        time.sleep(0.5)
+                finally:
+                    server.start()
                 assert waiting is not None and waiting.status_code == 503 and "cannot reach Milvus" in waiting.text
                 # Ready once Milvus is back and serves the collections again, without a restart (a
                 # server back from a stop may answer a while before it serves the meta collection).
