@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +60,8 @@ class Runner:
         torch.manual_seed(0)
         model, _ = new_model(self.cfg, num_patches=data.feats.shape[1], patch_dim=data.feats.shape[2])
         if self.cfg.frozen_layers:  # as the loop does: once per run, before the first step
-            self.data = data.subset(np.arange(len(data)))
-            self.data.text_cache = model.eval().lower_text_states(data.ids, data.mask, self.cfg.frozen_layers)
+            self.data = replace(data, text_cache=model.eval().lower_text_states(data.ids, data.mask,
+                                                                                self.cfg.frozen_layers))
         self.model = model.train()
         self.optimizer = torch.optim.AdamW(param_groups(model, self.cfg), weight_decay=self.cfg.weight_decay)
         self.weighting = AdaptiveLossWeights(list(self.cfg.tasks), self.cfg.loss_weighting)

@@ -194,8 +194,8 @@ def test_a_replica_killed_under_load_costs_no_5xx(setup, items):
         stop.set()
         for f in futures:
             f.result(timeout=120)
-    statuses = [s for _, s, _ in results]
-    assert len(results) >= 20 and all(s == 200 for s in statuses), sorted(set(statuses))
+    bad = [(round(t - killed, 2), s, body) for t, s, body in results if s != 200]
+    assert len(results) >= 20 and not bad, bad
     after = [body for t, _, body in results if t > killed]
     lost = [b for b in after if b["reranked"] == 0]
     assert after and len(lost) <= 4, [b["rerank_error"] for b in lost]  # at most the 4 in flight at the kill

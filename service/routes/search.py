@@ -24,8 +24,9 @@ async def search(req: SearchRequest, eng: EngineDep, state: StateDep, settings: 
         pixels = await decode_in_thread(req.image, settings.max_image_bytes)
         timings["decode"] = (time.perf_counter() - started) * 1000
     rerank = text is not None and req.rerank and req.rerank_k > 0
+    # Admission counts this server's own work: a rerank on remote replicas is theirs.
     work = Work(texts=int(text is not None), images=int(text is None), recalls=1,
-                pairs=min(req.rerank_k, req.candidates) if rerank else 0)
+                pairs=min(req.rerank_k, req.candidates) if rerank and eng.remote is None else 0)
     with state.admission.admit(work):
         result = await eng.pipeline.search(text=text, pixels=pixels, k=req.k, candidates=req.candidates,
                                            rerank=req.rerank, rerank_k=req.rerank_k,
