@@ -16,7 +16,8 @@ CATALOG  := $(DATA)/demo
 FEATURES := $(DATA)/features/grid.h5
 
 RUNS     := $(DATA)/runs
-MODEL    := $(RUNS)/default/model/config.json
+# summary.json, not model/: the best model is saved from the first epoch on, and an interrupted run must resume.
+MODEL    := $(RUNS)/default/summary.json
 # 1,200 more products from the demo generator (another seed): never trained on, they fit the rerank's
 # one weight (runtime/scoring.py). Training replaces model/, and with it this stamp.
 CALIBRATION := $(DATA)/calibration

@@ -22,7 +22,7 @@ if [ -f "$DATA/features/grid.h5" ]; then done_already "patch features"; else
   step "patch features"
   fashionbert features --catalog "$DATA/demo" --out "$DATA/features/grid.h5"
 fi
-if [ -f "$DATA/runs/default/model/config.json" ]; then done_already "trained model"; else
+if [ -f "$DATA/runs/default/summary.json" ]; then done_already "trained model"; else  # written when training is done
   step "training (resumes an interrupted run)"
   if [ -n "${TRAIN_CONFIG:-}" ]; then
     fashionbert train --catalog "$DATA/demo" --out "$DATA/runs/default" --features "$DATA/features/grid.h5" --config "$TRAIN_CONFIG"

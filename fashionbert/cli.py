@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--fusion-layers", dest="fusion_layers", type=int,
                     help="how many final layers attend across text and patches (default 2; = layers: the paper's full model)")
     tr.add_argument("--loss-weighting", dest="loss_weighting", choices=["adaptive", "released-code", "fixed"],
-                    help="adaptive: the paper's solve every step (default); fixed: equal weights")
+                    help="adaptive: the paper's solve (default: on one step in four, weights_every); fixed: equal weights")
     tr.add_argument("--no-mpm", action="store_true", help="train without masked patch modelling (ablation)")
     tr.add_argument("--epochs", type=int, help="passes of the multitask loop over the training products (default 4)")
     tr.add_argument("--rerank-steps", dest="rerank_steps", type=int,

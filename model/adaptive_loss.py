@@ -1,6 +1,6 @@
 """FashionBERT's adaptive loss weights (paper section 3.3).
 
-Every step the task weights ω solve
+On a step that solves them (every step in the paper; one in `weights_every` here) the task weights ω solve
 
     min_ω  -1/2 Σ_i ||ω_i ∇l_i||²  +  1/2 Σ_{i<j} (ω_i - ω_j)²    s.t.  Σ ω_i = 1, ω_i >= 0.
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import staged_dir, staged_file
-from .config import RERANK_STAGE_OPTIONS, TrainConfig, without_removed
+from .config import ADDED_OPTIONS, RERANK_STAGE_OPTIONS, TrainConfig, without_removed
 from .fashionbert import FashionBert, load_model, save_model
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,10 @@ def read_checkpoint(run: Path, cfg: TrainConfig) -> dict:
     """RUN/checkpoint's trainer state, with "loop_done" added; a ValueError when it was trained with
     other settings than `cfg`.
 
-    Options added since the run started count with today's defaults: a run from before a default
-    changed (cross_texts 12 -> 4 with the rerank stage) resumes only with its own settings in
-    --config. Once the loop is done, the rerank stage's options may change. Options that no longer
+    Options added since the run started count with the value it trained with (ADDED_OPTIONS),
+    others with today's defaults: a run from before a default changed (cross_texts 12 -> 4 with the
+    rerank stage; weights_every, frozen_layers and masked_texts on 2026-12-03) resumes only with its
+    own settings in --config, and the error names them. Once the loop is done, the rerank stage's options may change. Options that no longer
     exist (rerank_minutes, before the budget was in work; the removed experiments at their "off"
     value) do not count.
     """
@@ -61,9 +62,14 @@ def read_checkpoint(run: Path, cfg: TrainConfig) -> dict:
         old = without_removed(ckpt["config"])
     except ValueError:  # it trained with an experiment since removed
         old = None
-    saved = None if old is None else {k: v for k, v in {**asdict(TrainConfig()), **old}.items() if k not in ignore and k in known}
-    if saved != {k: v for k, v in asdict(cfg).items() if k not in ignore}:
-        raise ValueError(f"{run} holds a run with other settings: pass --overwrite to start again")
+    saved = None if old is None else {k: v for k, v in {**asdict(TrainConfig()), **ADDED_OPTIONS, **old}.items()
+                                      if k not in ignore and k in known}
+    wanted = {k: v for k, v in asdict(cfg).items() if k not in ignore}
+    if saved != wanted:
+        differ = "" if saved is None else ", ".join(f"{k} {saved.get(k)!r} (asked: {v!r})" for k, v in wanted.items()
+                                                     if saved.get(k) != v)
+        raise ValueError(f"{run} holds a run with other settings{': ' + differ if differ else ''}; pass them in "
+                         "--config to resume it, or --overwrite to start again")
     return ckpt
 
 

@@ -19,6 +19,9 @@ RERANK_STAGE_OPTIONS = ("rerank_steps", "rerank_epochs", "rerank_max_minutes", "
 # that meant "off" (None: any value, it did nothing on its own). A --config file or a checkpoint
 # that names one at that value still loads; one that turned it on is refused.
 REMOVED_OPTIONS = {"mined_negatives": 0, "mining_pool": None, "tia_detached": False}
+# Options added since the first runs, each with the value a run from before it trained with: a
+# checkpoint that does not name one is compared with that value, not with today's default.
+ADDED_OPTIONS = {"weights_every": 1, "frozen_layers": 0}
 
 
 @dataclass
@@ -30,12 +33,14 @@ class TrainConfig:
     loss_weighting: str = "adaptive"
     # Solve the adaptive weights every N steps and keep them in between: each solve costs one
     # partial backward pass per task (15 % of a step on either CPU class, bench/train_step.py), and
-    # the weights move slowly (0.24-0.28 over a whole default run).
-    weights_every: int = 1
+    # the weights move slowly (0.24-0.28 over a whole run solving them every step).
+    weights_every: int = 4
     # Keep the embeddings and the first N encoder layers at their pre-trained weights. The captions'
     # states after them are then computed once per run instead of every step, and nothing is
-    # back-propagated through them for text (at most one fewer than the layers below the fusion layers).
-    frozen_layers: int = 0
+    # back-propagated through them for text (at most one fewer than the layers below the fusion
+    # layers), nor does dropout apply there. None: the lower half of those layers (2 of the default
+    # backbone's 4).
+    frozen_layers: int | None = None
     batch_size: int = 48  # products per step: ITC's in-batch negatives
     subcategories_per_batch: int = 4  # groups per batch: subcategories, or neighbourhoods (below)
     # From the second epoch, groups are caption-embedding neighbourhoods: a product's hardest
@@ -52,7 +57,9 @@ class TrainConfig:
     # cross-encoder logit + the two-tower's logit (held fixed). The cross-encoder then learns
     # what the towers get wrong among their own nearest candidates, which is what a rerank is for.
     fused_listwise: bool = True
-    masked_texts: int = 8  # true pairs per step in the MLM/MPM pass
+    # True pairs per step in the MLM/MPM pass. With the two options above, 4 instead of 8 make a step
+    # 0.62x (AVX2) and 0.53x (AVX-512) as costly at the same quality (docs/training-budget.md).
+    masked_texts: int = 4
     separate_fusion: bool = True  # the cross-encoder's fusion layers are its own (model/fashionbert.py)
     # Dropout in the trunk and the new layers (BERT's is 0.1). Off by default: the random masks
     # cost a quarter of a CPU training step (bench/train_step.py), and a few epochs over the
@@ -134,8 +141,8 @@ class TrainConfig:
             raise ValueError("dropout must be in [0, 1)")
         if self.weights_every < 1:
             raise ValueError("weights_every must be at least 1 (1 = solve the loss weights every step)")
-        if self.frozen_layers < 0:
-            raise ValueError("frozen_layers must be at least 0")
+        if self.frozen_layers is not None and self.frozen_layers < 0:
+            raise ValueError("frozen_layers must be at least 0 (or null for the lower half of the towers' own layers)")
         if self.layers and self.frozen_layers and self.frozen_layers >= self.layers - min(self.fusion_layers, self.layers):
             raise ValueError("frozen_layers must be below the layers under the fusion layers (layers - fusion_layers)")
         if self.epochs < 1:
@@ -148,6 +155,10 @@ class TrainConfig:
             raise ValueError("rerank_steps (--rerank-steps) must be at least 0 (0 = no rerank stage)")
         if min(self.rerank_epochs, self.rerank_queries, self.rerank_negatives) < 1:
             raise ValueError("need rerank_epochs, rerank_queries and rerank_negatives >= 1")
+
+    def frozen_for(self, unimodal_layers: int) -> int:
+        """How many layers stay frozen in a model with this many layers below its fusion layers."""
+        return unimodal_layers // 2 if self.frozen_layers is None else self.frozen_layers
 
     @property
     def rerank_stage(self) -> bool:
@@ -181,7 +192,7 @@ def new_model(cfg: TrainConfig, num_patches: int, patch_dim: int) -> tuple[Fashi
     # it (a run with `layers` set now builds only those layers, so its heads draw differently).
     if cfg.separate_fusion:
         model.separate_fusion_layers()
-    freeze_lower_layers(model, cfg.frozen_layers)
+    freeze_lower_layers(model, cfg.frozen_for(model.config.unimodal_layers))
     return model, bert_dir
 
 

@@ -22,7 +22,7 @@ import os
 import resource
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +86,8 @@ def _train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features
     # run whose features were not yet cached would start from other random weights.
     torch.manual_seed(cfg.seed)
     model, bert_dir = new_model(cfg, num_patches=store.shape[1], patch_dim=store.shape[2])
+    # The run's own count (the default depends on the backbone's depth): saved, compared on resume.
+    cfg = replace(cfg, frozen_layers=cfg.frozen_for(model.config.unimodal_layers))
     tok = CaptionTokenizer(bert_dir / "tokenizer.json", cfg.max_text_len)
     subcats: dict[str, int] = {}
     held = calibration_products(catalog, cfg)

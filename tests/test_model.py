@@ -239,6 +239,37 @@ def test_frozen_lower_layers_keep_their_weights_and_the_cached_states_give_the_s
         TrainConfig(frozen_layers=-1).validate()
 
 
+def test_the_default_freezes_the_lower_half_of_the_towers_own_layers():
+    from fashionbert.model.config import new_model
+
+    cfg = TrainConfig()
+    assert [cfg.frozen_for(n) for n in (4, 3, 1, 0)] == [2, 1, 0, 0]
+    assert TrainConfig(frozen_layers=0).frozen_for(4) == 0  # an explicit count wins
+    # The whole MiniLM (4 layers below the 2 fusion layers), and the paper's 2-layer model (none below).
+    for layers, frozen in ((None, 2), (2, 0)):
+        c = TrainConfig(layers=layers)
+        c.validate()
+        model, _ = new_model(c, num_patches=4, patch_dim=8)
+        trains = [any(p.requires_grad for p in layer.parameters()) for layer in model.encoder.layer]
+        assert trains == [False] * frozen + [True] * (len(trains) - frozen)
+
+
+def test_a_checkpoint_from_before_the_options_existed_resumes_with_its_own_settings(tmp_path):
+    from dataclasses import asdict
+
+    from fashionbert.model.checkpoints import read_checkpoint
+
+    old = TrainConfig(weights_every=1, frozen_layers=0, masked_texts=8)
+    saved = {k: v for k, v in asdict(old).items() if k not in ("weights_every", "frozen_layers")}  # not yet named
+    (tmp_path / "checkpoint").mkdir()
+    torch.save({"config": saved, "state": {"epoch": 1, "stopped": None}}, tmp_path / "checkpoint" / "trainer.pt")
+    assert read_checkpoint(tmp_path, old)["loop_done"] is False  # what it trained with: resumes
+    with pytest.raises(ValueError) as err:  # today's defaults are another recipe, and the error says which part
+        read_checkpoint(tmp_path, TrainConfig(frozen_layers=2))
+    assert "weights_every 1 (asked: 4)" in str(err.value) and "frozen_layers 0 (asked: 2)" in str(err.value)
+    assert "masked_texts 8 (asked: 4)" in str(err.value) and "epochs" not in str(err.value)
+
+
 def test_the_adaptive_weights_can_be_solved_every_few_steps():
     weighting = AdaptiveLossWeights(["itc", "tia"])
     w = torch.nn.Parameter(torch.ones(3))

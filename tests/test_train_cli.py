@@ -116,7 +116,7 @@ def test_train_refuses_bad_settings_and_foreign_runs(trained_run, demo_catalog, 
     (tmp_path / "other.json").write_text(json.dumps(other))
     proc = subprocess.run(cli("train", "--catalog", demo_catalog, "--out", run, "--config", tmp_path / "other.json",
                               "--features", run.parent / "grid.h5"), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "other settings" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "other settings: epochs 2 (asked: 3)" in proc.stderr and "Traceback" not in proc.stderr
     (tmp_path / "bad.json").write_text(json.dumps({"learning_rate": 1}))
     proc = subprocess.run(cli("train", "--catalog", demo_catalog, "--out", tmp_path / "r", "--config", tmp_path / "bad.json"),
                           capture_output=True, text=True, timeout=300)
