@@ -47,7 +47,7 @@ def main() -> None:
             vals = [r[c] for r in rows if r[c] is not None]
             cells.append(f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f} ({min(vals):.2f}–{max(vals):.2f})"
                          if len(vals) > 1 else "—")
-        print(f"| mean ± sd (min–max) | | " + " | ".join(cells) + " |")
+        print("| mean ± sd (min–max) | | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
