@@ -50,9 +50,9 @@ def read_checkpoint(run: Path, cfg: TrainConfig) -> dict:
     Options added since the run started count with the value it trained with (ADDED_OPTIONS),
     others with today's defaults: a run from before a default changed (cross_texts 12 -> 4 with the
     rerank stage; weights_every, frozen_layers and masked_texts on 2026-12-03) resumes only with its
-    own settings in --config, and the error names them. Once the loop is done, the rerank stage's options may change. Options that no longer
-    exist (rerank_minutes, before the budget was in work; the removed experiments at their "off"
-    value) do not count.
+    own settings in --config, and the error names them. Once the loop is done, the rerank stage's
+    options may change. Options that no longer exist (rerank_minutes, before the budget was in
+    work; the removed experiments at their "off" value) do not count.
     """
     ckpt = torch.load(run / "checkpoint" / "trainer.pt", map_location="cpu", weights_only=False)
     ckpt["loop_done"] = bool(ckpt["state"].get("stopped")) or ckpt["state"]["epoch"] >= ckpt["config"].get("epochs", cfg.epochs)
