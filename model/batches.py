@@ -55,8 +55,11 @@ def epoch_batches(data: SplitData, cfg: TrainConfig, epoch: int, text_emb: np.nd
 @torch.inference_mode()
 def caption_embeddings(model: FashionBert, data: SplitData, batch: int = 256) -> np.ndarray:
     """The text tower's embedding of every caption of the split (neighbour batches group by it)."""
-    out = [model.text_embedding(*data.texts(np.arange(i, min(len(data), i + batch)))) for i in range(0, len(data), batch)]
-    return torch.cat(out).float().numpy()
+    parts = [(rows, model.text_embedding(*data.texts(rows))) for rows in data.by_length(batch)]
+    out = torch.empty(len(data), parts[0][1].shape[1])
+    for rows, emb in parts:
+        out[torch.from_numpy(rows)] = emb.float()
+    return out.numpy()
 
 
 def pick_negatives(sim: torch.Tensor, product: np.ndarray, subcategory: np.ndarray, n: int, k: int,

@@ -20,18 +20,26 @@ class PairScorer:
     @torch.inference_mode()
     def __init__(self, model: FashionBert, data: SplitData, batch: int = 128):
         self.model, self.data = model, data
-        text_states, image_states, t, v = [], [], [], []
+        self.lengths = data.mask.sum(1).numpy()
+        image_states, v = [], []
         for i in range(0, len(data), batch):
-            rows = np.arange(i, min(len(data), i + batch))
-            ids, mask = data.ids[rows], data.mask[rows]
-            ts = model.text_states(ids, mask)
-            vs = model.image_states(data.feats[rows].float())
-            text_states.append(ts)
-            image_states.append(vs)
-            t.append(model.text_embedding_from(ts, mask))
-            v.append(model.image_embedding_from(vs))
-        self.text_states, self.image_states = torch.cat(text_states), torch.cat(image_states)
-        self.text_emb, self.image_emb = torch.cat(t).float(), torch.cat(v).float()
+            states = model.image_states(data.feats[i : i + batch].float())
+            image_states.append(states)
+            v.append(model.image_embedding_from(states))
+        self.image_states, self.image_emb = torch.cat(image_states), torch.cat(v).float()
+        # Captions of about one length a batch: less padding to encode. A row's states past its own
+        # length stay zero; nothing reads them (the joint pass packs each row's real tokens only).
+        self.text_states = self.text_emb = None
+        for rows in data.by_length(batch):
+            ids, mask = data.texts(rows)
+            states = model.text_states(ids, mask)
+            emb = model.text_embedding_from(states, mask).float()
+            if self.text_states is None:
+                self.text_states = states.new_zeros(len(data), data.ids.shape[1], states.shape[2])
+                self.text_emb = emb.new_empty(len(data), emb.shape[1])
+            index = torch.from_numpy(rows)
+            self.text_states[index, : ids.shape[1]] = states
+            self.text_emb[index] = emb
 
     def similarity(self) -> np.ndarray:
         """Two-tower cosine of every caption (row) with every image (column), in fp32 even under autocast."""
@@ -40,15 +48,19 @@ class PairScorer:
 
     @torch.inference_mode()
     def logits(self, text_rows, image_rows, batch: int = 128) -> np.ndarray:
-        """Cross-encoder match logit for each (text row, image row) pair."""
+        """Cross-encoder match logit for each (text row, image row) pair; the pairs go through in
+        batches of texts of about one length (less padding), each logit back in its pair's place."""
         text_rows, image_rows = np.asarray(text_rows), np.asarray(image_rows)
-        out = []
-        for i in range(0, len(text_rows), batch):
-            t, v = text_rows[i : i + batch], image_rows[i : i + batch]
+        out = np.zeros(len(text_rows), dtype=np.float32)
+        order = np.argsort(self.lengths[text_rows], kind="stable")
+        for i in range(0, len(order), batch):
+            pairs = order[i : i + batch]
+            t, v = text_rows[pairs], image_rows[pairs]
             mask = self.data.mask[t]
             width = int(mask.sum(1).max())
-            out.append(self.model.match_logits_from(self.text_states[t, :width], mask[:, :width], self.image_states[v]).float())
-        return torch.cat(out).numpy() if out else np.zeros(0)
+            out[pairs] = self.model.match_logits_from(self.text_states[t, :width], mask[:, :width],
+                                                      self.image_states[v]).float().numpy()
+        return out
 
     def __call__(self, text_rows, image_rows, batch: int = 128) -> np.ndarray:
         """Cross-encoder match probability for each (text row, image row) pair (float64: it saturates

@@ -102,6 +102,35 @@ def test_late_fusion_reuses_unimodal_states(demo_data):
     assert full.config.unimodal_layers == 0 and full.match_logits(ids, mask, feats).shape == (4,)
 
 
+def test_captions_batched_by_length_give_each_row_what_it_gets_alone(demo_data):
+    """Length batches only cut padding: embeddings and logits are a caption's own (to float
+    rounding: a batch of one takes other kernels), in the split's order, whatever the order of the pairs."""
+    from fashionbert.model.batches import caption_embeddings
+    from fashionbert.model.pair_scorer import PairScorer
+
+    model = tiny_model(num_layers=3, fusion_layers=1)
+    lengths = demo_data.mask.sum(1).numpy()
+    batches = demo_data.by_length(16)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(demo_data)))
+    assert all(lengths[a].max() <= lengths[b].min() for a, b in zip(batches, batches[1:]))
+    assert len(set(lengths.tolist())) > 1  # the check means something only with captions of several lengths
+
+    rows = np.array([0, 1, int(np.argmax(lengths)), int(np.argmin(lengths))])
+    with torch.inference_mode():
+        alone = torch.cat([model.text_embedding(*demo_data.texts([r])) for r in rows]).numpy()
+        np.testing.assert_allclose(caption_embeddings(model, demo_data, batch=16)[rows], alone, rtol=0, atol=1e-6)
+        scorer = PairScorer(model, demo_data, batch=16)
+        np.testing.assert_allclose(scorer.text_emb[rows].numpy(), alone, rtol=0, atol=1e-6)
+        texts, images = np.repeat(rows, 3), np.tile([2, 5, 7], len(rows))
+        one_by_one = np.array([scorer.logits([t], [i])[0] for t, i in zip(texts, images)])
+        shuffled = np.random.default_rng(0).permutation(len(texts))
+        np.testing.assert_allclose(scorer.logits(texts, images), one_by_one, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(scorer.logits(texts[shuffled], images[shuffled]), one_by_one[shuffled], rtol=0, atol=1e-5)
+        ids, mask = demo_data.texts(rows)
+        direct = model.match_logits(ids, mask, demo_data.feats[[2, 2, 2, 2]].float())
+    np.testing.assert_allclose(scorer.logits(rows, [2, 2, 2, 2]), direct.numpy(), rtol=0, atol=1e-5)
+
+
 def test_pretrained_backbone_loads_and_keeps_its_sentence_sense(tok):
     model, _ = from_pretrained_bert(None, dropout=0.0)
     model.eval()
