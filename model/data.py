@@ -55,9 +55,9 @@ class SplitData:
     def by_length(self, batch: int) -> list[np.ndarray]:
         """Every row, in batches of captions of about the same length (shortest first): trimmed to
         its longest caption (`texts`), such a batch carries little padding (the demo catalog's
-        captions: 26 to 64 tokens). Padding keys get no weight, so a row's result is the one it gets
-        in any batch: with the default model it came out bit for bit the same as in split order, in
-        bf16 and fp32 (docs/training-budget.md)."""
+        captions: 26 to 64 tokens). Padding keys get no weight, so a row's result is the same up to
+        float rounding in any batch; with the default model it came out bit for bit the same as in
+        split order, in bf16 on AVX-512 and in fp32 under AVX2 emulation (BENCHMARKS.md)."""
         order = np.argsort(self.mask.sum(1).numpy(), kind="stable")
         return [order[i : i + batch] for i in range(0, len(order), batch)]
 

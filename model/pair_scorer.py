@@ -27,8 +27,9 @@ class PairScorer:
             image_states.append(states)
             v.append(model.image_embedding_from(states))
         self.image_states, self.image_emb = torch.cat(image_states), torch.cat(v).float()
-        # Captions of about one length a batch: less padding to encode. A row's states past its own
-        # length stay zero; nothing reads them (the joint pass packs each row's real tokens only).
+        # Captions of about one length a batch: less padding to encode. A row's states past its
+        # batch's longest caption stay zero; nothing reads a row's states past its own length (the
+        # joint pass packs each row's real tokens only).
         self.text_states = self.text_emb = None
         for rows in data.by_length(batch):
             ids, mask = data.texts(rows)
@@ -50,7 +51,7 @@ class PairScorer:
     def logits(self, text_rows, image_rows, batch: int = 128) -> np.ndarray:
         """Cross-encoder match logit for each (text row, image row) pair; the pairs go through in
         batches of texts of about one length (less padding), each logit back in its pair's place."""
-        text_rows, image_rows = np.asarray(text_rows), np.asarray(image_rows)
+        text_rows, image_rows = np.asarray(text_rows, dtype=np.int64), np.asarray(image_rows, dtype=np.int64)
         out = np.zeros(len(text_rows), dtype=np.float32)
         order = np.argsort(self.lengths[text_rows], kind="stable")
         for i in range(0, len(order), batch):

@@ -126,6 +126,9 @@ def test_captions_batched_by_length_give_each_row_what_it_gets_alone(demo_data):
         shuffled = np.random.default_rng(0).permutation(len(texts))
         np.testing.assert_allclose(scorer.logits(texts, images), one_by_one, rtol=0, atol=1e-5)
         np.testing.assert_allclose(scorer.logits(texts[shuffled], images[shuffled]), one_by_one[shuffled], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(scorer.logits(texts[shuffled], images[shuffled], batch=4), one_by_one[shuffled],
+                                   rtol=0, atol=1e-5)  # several batches, each put back in its pairs' places
+        assert scorer.logits([], []).shape == (0,)
         ids, mask = demo_data.texts(rows)
         direct = model.match_logits(ids, mask, demo_data.feats[[2, 2, 2, 2]].float())
     np.testing.assert_allclose(scorer.logits(rows, [2, 2, 2, 2]), direct.numpy(), rtol=0, atol=1e-5)
