@@ -54,6 +54,8 @@ VARIANTS = {
     "masked-4": {**PREVIOUS, "masked_texts": 4},  # half the MLM/MPM pairs
     "lean": {"weights_every": 4, "frozen_layers": 2, "masked_texts": 4},  # all three: today's default
     "frozen-3": {"frozen_layers": 3},  # the default with 3 of the 4 tower layers fixed
+    "pool-2": {"patch_pool": 2},  # 4x4 patch tokens (the 8x8 grid's 2x2 block means) instead of 64
+    "pool-2-frozen-3": {"patch_pool": 2, "frozen_layers": 3},
 }
 PARTS = ("forward", "adaptive", "backward", "optimiser")
 
@@ -64,7 +66,7 @@ class Runner:
         self.data, self.tok = data, tok
         torch.manual_seed(0)
         model, _ = new_model(cfg, num_patches=data.feats.shape[1], patch_dim=data.feats.shape[2])
-        self.cfg = replace(cfg, frozen_layers=cfg.frozen_for(model.config.unimodal_layers))
+        self.cfg = replace(cfg, frozen_layers=cfg.frozen_for(model.config.unimodal_layers), patch_pool=cfg.pool)
         if self.cfg.frozen_layers:  # as the loop does: once per run, before the first step
             self.data = replace(data, text_cache=model.eval().lower_text_states(data.ids, data.mask,
                                                                                 self.cfg.frozen_layers))

@@ -53,9 +53,17 @@ def epoch_batches(data: SplitData, cfg: TrainConfig, epoch: int, text_emb: np.nd
 
 
 @torch.inference_mode()
-def caption_embeddings(model: FashionBert, data: SplitData, batch: int = 256) -> np.ndarray:
-    """The text tower's embedding of every caption of the split (neighbour batches group by it)."""
-    parts = [(rows, model.text_embedding(*data.texts(rows))) for rows in data.by_length(batch)]
+def caption_embeddings(model: FashionBert, data: SplitData, batch: int = 256, frozen: int = 0) -> np.ndarray:
+    """The text tower's embedding of every caption of the split (neighbour batches group by it).
+    With `frozen` layers and the split's cached states after them (`text_cache`), the pass starts
+    there: the frozen layers are half of the text tower's by default."""
+    def embed(rows):
+        ids, mask = data.texts(rows)
+        if frozen and data.text_cache is not None:
+            return model.text_embedding_from(model.text_states(ids, mask, frozen, data.text_cache[rows][:, : ids.shape[1]]), mask)
+        return model.text_embedding(ids, mask)
+
+    parts = [(rows, embed(rows)) for rows in data.by_length(batch)]
     out = torch.empty(len(data), parts[0][1].shape[1])
     for rows, emb in parts:
         out[torch.from_numpy(rows)] = emb.float()

@@ -21,12 +21,18 @@ RERANK_STAGE_OPTIONS = ("rerank_steps", "rerank_epochs", "rerank_max_minutes", "
 REMOVED_OPTIONS = {"mined_negatives": 0, "mining_pool": None, "tia_detached": False}
 # Options added since the first runs, each with the value a run from before it trained with: a
 # checkpoint that does not name one is compared with that value, not with today's default.
-ADDED_OPTIONS = {"weights_every": 1, "frozen_layers": 0}
+ADDED_OPTIONS = {"weights_every": 1, "frozen_layers": 0, "patch_pool": 1}
 
 
 @dataclass
 class TrainConfig:
     feature_mode: str = "grid"
+    # Patch tokens per image: the cached 8x8 grid averaged in patch_pool x patch_pool blocks
+    # (model/fashionbert.py FashionBertConfig.patch_pool); 1 keeps all 64. None: 2 (4x4 tokens) for
+    # grid and crop features, 1 for one global feature. Every image pass carries a quarter of the
+    # tokens: a training step costs 0.41x (AVX-512) and 0.51x (AVX2) of one with 64
+    # (docs/training-budget.md), and the rerank reads 16 patch states an item.
+    patch_pool: int | None = None
     backbone: str | None = None  # a local Hugging Face BERT directory; None = the MiniLM package
     layers: int | None = None  # keep the first N layers of the backbone (None = all)
     tasks: tuple[str, ...] = TASKS
@@ -71,8 +77,9 @@ class TrainConfig:
     warmup: float = 0.06  # share of the run
     clip: float = 1.0
     # The budget is work, not time: the same command and seed do the same training on any machine.
-    # 4 epochs: where the multitask loop of the tuned recipe had its best validation score.
-    epochs: int = 4
+    # 5: with 16 patch tokens a step costs about half of one with 64, and the validation check still
+    # rose through a fifth epoch (docs/training-budget.md); 4 was the 64-token recipe's.
+    epochs: int = 5
     # An optional cap on the multitask loop's wall-clock minutes (validation included); None = none.
     # A capped run fits its learning-rate schedule into the time it has (it still decays to zero),
     # and is no longer reproducible: where it stops depends on the machine.
@@ -127,6 +134,8 @@ class TrainConfig:
             raise ValueError(f"tasks must be a non-empty subset of {', '.join(TASKS)}")
         if self.feature_mode not in ("grid", "crop", "global"):
             raise ValueError("feature_mode must be grid, crop or global")
+        if self.pool not in (1, 2, 4, 8) or (self.feature_mode == "global" and self.pool != 1):
+            raise ValueError("patch_pool must be 1, 2, 4 or 8 (1 for global features)")
         if self.layers is not None and self.layers < 1:
             raise ValueError("layers must be at least 1 (or null for all of the backbone's)")
         if self.batch_size < 2 or not 1 <= self.cross_texts <= self.batch_size:
@@ -156,6 +165,13 @@ class TrainConfig:
         if min(self.rerank_epochs, self.rerank_queries, self.rerank_negatives) < 1:
             raise ValueError("need rerank_epochs, rerank_queries and rerank_negatives >= 1")
 
+    @property
+    def pool(self) -> int:
+        """The patch pooling this config trains with (`patch_pool`, or its default for the feature mode)."""
+        if self.patch_pool is not None:
+            return self.patch_pool
+        return 1 if self.feature_mode == "global" else 2
+
     def frozen_for(self, unimodal_layers: int) -> int:
         """How many layers stay frozen in a model with this many layers below its fusion layers."""
         return unimodal_layers // 2 if self.frozen_layers is None else self.frozen_layers
@@ -167,7 +183,8 @@ class TrainConfig:
 
     def model_overrides(self) -> dict:
         """The model config's fields this config decides (FashionBertConfig), for `from_pretrained_bert`."""
-        out = {"max_text_len": self.max_text_len, "dropout": self.dropout, "fusion_layers": self.fusion_layers}
+        out = {"max_text_len": self.max_text_len, "dropout": self.dropout, "fusion_layers": self.fusion_layers,
+               "patch_pool": self.pool}
         if self.layers:
             out.update(num_layers=self.layers, fusion_layers=min(self.fusion_layers, self.layers))
         return out
@@ -183,8 +200,11 @@ def without_removed(d: dict) -> dict:
 
 def new_model(cfg: TrainConfig, num_patches: int, patch_dim: int) -> tuple[FashionBert, Path]:
     """The model a run starts from: the pre-trained backbone with this config's fields, for patch
-    features of num_patches x patch_dim; and the backbone's directory (its tokenizer files)."""
-    model, bert_dir = from_pretrained_bert(cfg.backbone, num_patches=num_patches, patch_dim=patch_dim,
+    features of num_patches x patch_dim (before the config's pooling); and the backbone's directory
+    (its tokenizer files)."""
+    if num_patches % cfg.pool**2:
+        raise ValueError(f"{num_patches} patch features per image cannot be pooled {cfg.pool}x{cfg.pool}")
+    model, bert_dir = from_pretrained_bert(cfg.backbone, num_patches=num_patches // cfg.pool**2, patch_dim=patch_dim,
                                            **cfg.model_overrides())
     # After the trunk is loaded, not as a constructor field: the copy starts from the pre-trained
     # fusion layers (from_pretrained_bert loads the towers' layers only), and building it here

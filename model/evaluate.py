@@ -169,9 +169,9 @@ def read_split(model: FashionBert, run: Path, catalog_path: str | Path, split: s
     catalog = open_catalog(catalog_path)
     ensure_features(catalog, features_path, mode, progress=progress)
     with FeatureStore(features_path) as store:
-        if store.shape[1:] != (model.config.num_patches, model.config.patch_dim):
+        if store.shape[1:] != (model.config.feature_patches, model.config.patch_dim):
             raise ValueError(f"{features_path} holds {store.shape[1]}x{store.shape[2]} features, the model reads "
-                             f"{model.config.num_patches}x{model.config.patch_dim}: use the features it was trained on")
+                             f"{model.config.feature_patches}x{model.config.patch_dim}: use the features it was trained on")
         tok = CaptionTokenizer(run / "model" / "tokenizer.json", model.config.max_text_len)
         return load_split(catalog, split, store, tok, {})
 

@@ -51,7 +51,12 @@ class FashionBertConfig:
     layer_norm_eps: float = 1e-12
     dropout: float = 0.0  # as TrainConfig's (docs/design.md, "Training")
     patch_dim: int = FEATURE_DIM
-    num_patches: int = GRID * GRID  # 1 for global features
+    num_patches: int = GRID * GRID  # patch tokens per image (after patch_pool); 1 for global features
+    # Average the cached grid's features in patch_pool x patch_pool blocks before the patch
+    # embeddings: 2 turns the 8x8 grid into 4x4 tokens. Every image pass then carries a quarter of
+    # the patch tokens (the towers, the cross-encoder's pairs, the stored patch states); the
+    # inputs stay the cached 8x8 features, pooled inside the model and its exported graphs.
+    patch_pool: int = 1
     embed_dim: int = 256
     max_text_len: int = 64
     # The last `fusion_layers` layers attend across text and patches; the ones below see one
@@ -61,6 +66,11 @@ class FashionBertConfig:
     # layers) instead of sharing them with the towers. Shared, the cross-encoder's hard negatives
     # pulled the towers' top layers away from the two-tower objective (docs/design.md, "Training").
     separate_fusion: bool = False
+
+    @property
+    def feature_patches(self) -> int:
+        """Patch features per image the model reads (before pooling)."""
+        return self.num_patches * self.patch_pool**2
 
     @property
     def unimodal_layers(self) -> int:
@@ -123,13 +133,26 @@ class PatchEmbeddings(nn.Module):
 
     def __init__(self, c: FashionBertConfig, segment: nn.Embedding):
         super().__init__()
+        self.pool_size, self.tokens = c.patch_pool, c.num_patches
         self.projection = nn.Linear(c.patch_dim, c.hidden_size)
         self.position_embeddings = nn.Embedding(c.num_patches, c.hidden_size)
         self.segment = segment  # shared with the text embeddings: row 1 is "image"
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.dropout = nn.Dropout(c.dropout)
 
+    def pool(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, G*G, D) grid features, row-major -> (B, (G/s)^2, D) block means; features already
+        pooled (as many as the model's tokens) come back as they are."""
+        s, (n, d) = self.pool_size, feats.shape[1:]
+        if s == 1 or n == self.tokens:
+            return feats
+        g = math.isqrt(n)
+        if g * g != n or g % s or (g // s) ** 2 != self.tokens:
+            raise ValueError(f"{n} patch features cannot be pooled {s}x{s} into {self.tokens} tokens")
+        return feats.reshape(-1, g // s, s, g // s, s, d).mean(dim=(2, 4)).reshape(-1, self.tokens, d)
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        feats = self.pool(feats)
         x = self.projection(feats) + self.position_embeddings.weight[None, : feats.shape[1]] + self.segment.weight[1]
         return self.dropout(self.LayerNorm(x))
 
@@ -303,9 +326,10 @@ class FashionBert(nn.Module):
         return torch.cat(out)
 
     def image_states(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, P, D) patch features -> (B, P, H) states below the fusion layers."""
-        mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
-        return self.encoder(self.patch_embeddings(feats), mask, 0, self.config.unimodal_layers)
+        """(B, P, D) patch features (the grid, or already pooled) -> (B, num_patches, H) states below the fusion layers."""
+        x = self.patch_embeddings(feats)
+        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return self.encoder(x, mask, 0, self.config.unimodal_layers)
 
     def text_embedding_from(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(states, mask.bool(), self.config.unimodal_layers)

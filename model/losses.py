@@ -55,7 +55,7 @@ def step_losses(model: FashionBert, data: SplitData, rows: np.ndarray, cfg: Trai
                 rng: np.random.Generator) -> dict[str, torch.Tensor]:
     """The task losses of one batch (rows of `data`)."""
     ids, mask = data.texts(rows)
-    feats = data.feats[rows].float()
+    feats = model.patch_embeddings.pool(data.feats[rows].float())  # (B, P, D): MPM masks and predicts these
     product, subcat = data.product[rows], data.subcategory[rows]
     losses: dict[str, torch.Tensor] = {}
 

@@ -100,7 +100,7 @@ def export_graphs(model: FashionBert, extractor: PatchFeatureExtractor, out: Pat
                                                "embedding": {0: "batch"}, "text_states": {0: "batch", 1: "tokens"}})
         export_module(ImageTower(model, extractor), (pixels,), out / "image_tower.onnx", ["pixels"], ["embedding", "patch_states"],
                 {"pixels": {0: "batch"}, "embedding": {0: "batch"}, "patch_states": {0: "batch"}})
-        export_module(ImageHead(model), (torch.randn(2, c.num_patches, c.patch_dim),), out / "image_head.onnx", ["features"],
+        export_module(ImageHead(model), (torch.randn(2, c.feature_patches, c.patch_dim),), out / "image_head.onnx", ["features"],
                 ["embedding", "patch_states"], {"features": {0: "batch"}, "embedding": {0: "batch"}, "patch_states": {0: "batch"}})
         export_module(CrossEncoder(model), (states, mask, patches), out / "cross_encoder.fp32.onnx",
                 ["text_states", "attention_mask", "patch_states"], ["logit"],

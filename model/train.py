@@ -87,7 +87,7 @@ def _train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features
     torch.manual_seed(cfg.seed)
     model, bert_dir = new_model(cfg, num_patches=store.shape[1], patch_dim=store.shape[2])
     # The run's own count (the default depends on the backbone's depth): saved, compared on resume.
-    cfg = replace(cfg, frozen_layers=cfg.frozen_for(model.config.unimodal_layers))
+    cfg = replace(cfg, frozen_layers=cfg.frozen_for(model.config.unimodal_layers), patch_pool=cfg.pool)
     tok = CaptionTokenizer(bert_dir / "tokenizer.json", cfg.max_text_len)
     subcats: dict[str, int] = {}
     held = calibration_products(catalog, cfg)
@@ -138,7 +138,7 @@ def _train(catalog_path: str | Path, run: str | Path, cfg: TrainConfig, features
             if cfg.neighbour_batches and state.epoch > 0:
                 model.eval()
                 with autocast():
-                    text_emb = caption_embeddings(model, train_data)
+                    text_emb = caption_embeddings(model, train_data, frozen=cfg.frozen_layers)
                 model.train()
             batches = epoch_batches(train_data, cfg, state.epoch, text_emb)
             bar = tqdm(total=len(batches), initial=state.step_in_epoch, desc=f"Epoch {state.epoch + 1}",

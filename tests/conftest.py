@@ -32,8 +32,9 @@ FASHIONGEN_SAMPLE = DATA / "fashiongen_256_256_validation.h5"
 # slow one train the same model and the thresholds hold on both (bench/ci_model.py measures them
 # per seed; 8 epochs and 10 passes were tried and failed them on one seed of two).
 # The CI model keeps the loss weights solved every step and all 8 pairs masked (the recipe its
-# thresholds were measured with, docs/training-budget.md); its one tower layer is never frozen.
-TINY_TRAIN = {"weights_every": 1, "frozen_layers": 0, "masked_texts": 8, "dropout": 0.1, "neighbour_batches": False, "layers": 2, "fusion_layers": 1, "batch_size": 8, "subcategories_per_batch": 2, "cross_texts": 8,
+# thresholds were measured with, docs/training-budget.md); its one tower layer is never frozen;
+# and all 64 patch tokens (the default pools them 2x2; tests/test_export_index.py exports a pooled copy).
+TINY_TRAIN = {"patch_pool": 1, "weights_every": 1, "frozen_layers": 0, "masked_texts": 8, "dropout": 0.1, "neighbour_batches": False, "layers": 2, "fusion_layers": 1, "batch_size": 8, "subcategories_per_batch": 2, "cross_texts": 8,
               "tia_negatives": 3, "epochs": 12, "val_products": 8, "val_queries": 4,
               "checkpoint_minutes": 0, "precision": "fp32", "max_text_len": 32, "patience": 100, "rerank_epochs": 20}
 

@@ -467,3 +467,34 @@ def test_searches_run_safely_while_items_are_added_and_deleted(model, demo_catal
             t.join()
     assert not errors, errors[0]
     assert searches[0] > 0 and len(index) == len([it for it in items if it.split == "train"])
+
+
+def test_a_pooled_model_exports_and_indexes_from_the_cached_grid(run_dir, demo_catalog, tmp_path, items):
+    """patch_pool 2: the exported graphs take the 8x8 grid (pixels, or cached features) and pool it
+    themselves; ONNX matches PyTorch, and the index stores 16 patch states an item."""
+    from fashionbert.model.export import ExportConfig, export
+    from fashionbert.model.fashionbert import FashionBert, FashionBertConfig, save_model
+    from dataclasses import asdict
+
+    tiny, meta = load_model(run_dir / "model")
+    pooled = FashionBert(FashionBertConfig(**{**asdict(tiny.config), "num_patches": 16, "patch_pool": 2}))
+    state = tiny.state_dict()
+    state["patch_embeddings.position_embeddings.weight"] = state["patch_embeddings.position_embeddings.weight"][:16]
+    pooled.load_state_dict(state)
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "model", run / "model")
+    save_model(pooled.eval(), run / "model", {k: v for k, v in meta.items() if k not in asdict(pooled.config)})
+    shutil.copy(run_dir / "summary.json", run / "summary.json")
+    manifest = export(run, tmp_path / "model", ExportConfig(catalog=str(demo_catalog), variant="fp32"), progress=False)
+    assert manifest["num_patches"] == 16 and max(manifest["parity"].values()) <= 1e-4, manifest["parity"]
+    model = ExportedModel(tmp_path / "model", variant="fp32")
+    emb, states = model.encode_images(np.stack([it.image for it in items[:4]]))
+    assert states.shape == (4, 16, model.hidden_size)
+    report = build(model, open_catalog(demo_catalog), tmp_path / "index", progress=False, features=run_dir.parent / "grid.h5")
+    assert report["from_cached_features"] == len(items)
+    index = CatalogIndex(tmp_path / "index", model_hash=model.model_hash)
+    assert index.info()["bytes_per_item"]["patch_states"] == 16 * model.hidden_size * 2
+    rows = index.rows_of([it.id for it in items[:4]])
+    np.testing.assert_allclose(index.patches.read([rows[it.id] for it in items[:4]]), states, atol=0.02)
+    for i in range(4):
+        assert index.search(emb[i], 1)[0].id == items[i].id

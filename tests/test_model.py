@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -81,6 +82,33 @@ def test_shapes_and_padding_is_invisible(tok):
     assert glob.match_logits(ids, mask, torch.rand(2, 1, 1286)).shape == (2,)
 
 
+def test_pooled_patches_are_the_grids_block_means_and_every_pass_takes_the_grid(demo_data, tok):
+    """patch_pool 2: 16 tokens, each the mean of a 2x2 block of the row-major 8x8 grid; the model's
+    passes take the cached grid as it is, and a batch pooled beforehand gives the same results."""
+    model = tiny_model(num_patches=16, patch_pool=2)
+    assert model.config.feature_patches == 64
+    grid = torch.arange(64, dtype=torch.float).view(1, 64, 1).expand(1, 64, 3)
+    pooled = model.patch_embeddings.pool(grid)
+    assert pooled.shape == (1, 16, 3)
+    assert pooled[0, 0, 0] == (0 + 1 + 8 + 9) / 4 and pooled[0, 5, 0] == (18 + 19 + 26 + 27) / 4
+    feats = demo_data.feats[:4].float()
+    with torch.no_grad():
+        states = model.image_states(feats)
+        assert states.shape == (4, 16, 32)
+        torch.testing.assert_close(model.image_states(model.patch_embeddings.pool(feats)), states)
+        ids, mask = demo_data.texts(np.arange(4))
+        assert model.match_logits(ids, mask, feats).shape == (4,)
+    with pytest.raises(ValueError, match="cannot be pooled"):
+        model.image_states(torch.rand(2, 49, 1286))
+    losses = step_losses(model.train(), demo_data, np.arange(16), TrainConfig(patch_pool=2, batch_size=16, cross_texts=4,
+                         tia_negatives=3), tok, np.random.default_rng(0))
+    assert set(losses) == {"mlm", "mpm", "tia", "itc"} and all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="patch_pool"):
+        TrainConfig(patch_pool=3).validate()
+    with pytest.raises(ValueError, match="patch_pool"):
+        TrainConfig(patch_pool=2, feature_mode="global").validate()
+
+
 def test_late_fusion_reuses_unimodal_states(demo_data):
     """Below the fusion layers nothing crosses modalities; the scorer's cached states give the same scores."""
     from fashionbert.model.pair_scorer import PairScorer
@@ -119,6 +147,9 @@ def test_captions_batched_by_length_give_each_row_what_it_gets_alone(demo_data):
     with torch.inference_mode():
         alone = torch.cat([model.text_embedding(*demo_data.texts([r])) for r in rows]).numpy()
         np.testing.assert_allclose(caption_embeddings(model, demo_data, batch=16)[rows], alone, rtol=0, atol=1e-6)
+        # Started from the cached states after a frozen layer (as training does): the same embeddings.
+        cached = replace(demo_data, text_cache=model.lower_text_states(demo_data.ids, demo_data.mask, 1))
+        np.testing.assert_allclose(caption_embeddings(model, cached, batch=16, frozen=1)[rows], alone, rtol=0, atol=1e-5)
         scorer = PairScorer(model, demo_data, batch=16)
         np.testing.assert_allclose(scorer.text_emb[rows].numpy(), alone, rtol=0, atol=1e-6)
         texts, images = np.repeat(rows, 3), np.tile([2, 5, 7], len(rows))
@@ -291,8 +322,8 @@ def test_a_checkpoint_from_before_the_options_existed_resumes_with_its_own_setti
 
     from fashionbert.model.checkpoints import read_checkpoint
 
-    old = TrainConfig(weights_every=1, frozen_layers=0, masked_texts=8)
-    saved = {k: v for k, v in asdict(old).items() if k not in ("weights_every", "frozen_layers")}  # not yet named
+    old = TrainConfig(weights_every=1, frozen_layers=0, masked_texts=8, patch_pool=1)
+    saved = {k: v for k, v in asdict(old).items() if k not in ("weights_every", "frozen_layers", "patch_pool")}  # not yet named
     (tmp_path / "checkpoint").mkdir()
     torch.save({"config": saved, "state": {"epoch": 1, "stopped": None}}, tmp_path / "checkpoint" / "trainer.pt")
     assert read_checkpoint(tmp_path, old)["loop_done"] is False  # what it trained with: resumes
@@ -300,6 +331,7 @@ def test_a_checkpoint_from_before_the_options_existed_resumes_with_its_own_setti
         read_checkpoint(tmp_path, TrainConfig(frozen_layers=2))
     assert "weights_every 1 (asked: 4)" in str(err.value) and "frozen_layers 0 (asked: 2)" in str(err.value)
     assert "masked_texts 8 (asked: 4)" in str(err.value) and "epochs" not in str(err.value)
+    assert "patch_pool 1 (asked: None)" in str(err.value)
 
 
 def test_the_adaptive_weights_can_be_solved_every_few_steps():
