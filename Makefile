@@ -25,7 +25,7 @@ CALIBRATED  := $(RUNS)/default/model/calibrated.stamp
 EXPORT   := $(DATA)/model
 INDEX    := $(DATA)/index
 
-.PHONY: demo build serve install test eval bench ablations ablation-global ablation-fixed ablation-no-mpm ablation-layers2 clean-data
+.PHONY: demo build serve install test eval bench ablations ablation-global ablation-fixed ablation-no-mpm ablation-layers2 ablation-patches64 clean-data
 
 ## Fresh machine -> installed project, demo catalog, cached patch features, trained model,
 ## ONNX export, FAISS index -> the API and page on http://127.0.0.1:$(PORT) (Ctrl-C stops it).
@@ -59,7 +59,7 @@ $(CATALOG)/catalog.jsonl: | install
 $(FEATURES): $(CATALOG)/catalog.jsonl
 	$(BIN)/fashionbert features --catalog $(CATALOG) --out $@
 
-# The default training budget is work, not time: 4 epochs, then 400 rerank-stage steps, the same
+# The default training budget is work, not time: 5 epochs, then 400 rerank-stage steps, the same
 # training on any machine. An interrupted run resumes when the same command runs again.
 # Order-only: evaluating or re-checking the features rewrites their file, which must not retrain.
 $(MODEL): | $(FEATURES)
@@ -90,13 +90,13 @@ bench: $(INDEX)/manifest.json
 eval: $(CALIBRATED)
 	$(BIN)/fashionbert eval --run $(RUNS)/default --catalog $(CATALOG)
 
-# Ablations: the default recipe (4 epochs, then the rerank stage's 400 steps) with one thing
+# Ablations: the default recipe (5 epochs, then the rerank stage's 400 steps) with one thing
 # changed, evaluated alike.
 ABLATE = $(BIN)/fashionbert train --catalog $(CATALOG) --out $(RUNS)/$(1) $(2) && \
          $(BIN)/fashionbert calibrate --run $(RUNS)/$(1) --catalog $(CALIBRATION) && \
          $(BIN)/fashionbert eval --run $(RUNS)/$(1) --catalog $(CATALOG)
 
-ablation-global: $(FEATURES) $(CALIBRATION)/catalog.jsonl   # (a) one global feature per image instead of 64 grid patches
+ablation-global: $(FEATURES) $(CALIBRATION)/catalog.jsonl   # (a) one global feature per image instead of the grid's patches
 	$(BIN)/fashionbert features --catalog $(CATALOG) --out $(DATA)/features/global.h5 --mode global
 	$(call ABLATE,global,--feature-mode global)
 ablation-fixed: $(FEATURES) $(CALIBRATION)/catalog.jsonl   # (b) fixed equal loss weights instead of the adaptive rule
@@ -105,10 +105,12 @@ ablation-no-mpm: $(FEATURES) $(CALIBRATION)/catalog.jsonl   # (c) without masked
 	$(call ABLATE,no-mpm,--no-mpm)
 ablation-layers2: $(FEATURES) $(CALIBRATION)/catalog.jsonl  # (d) the paper's deployed 2-layer model
 	$(call ABLATE,layers2,--layers 2)
+ablation-patches64: $(FEATURES) $(CALIBRATION)/catalog.jsonl  # (e) all 64 grid patches as tokens instead of 16 2x2 means
+	$(call ABLATE,patches64,--patch-pool 1)
 
 ## All four ablations, then one table of them beside the default model.
-ablations: eval ablation-global ablation-fixed ablation-no-mpm ablation-layers2
-	$(BIN)/python bench/ablation_table.py $(RUNS)/default $(RUNS)/global $(RUNS)/fixed $(RUNS)/no-mpm $(RUNS)/layers2
+ablations: eval ablation-global ablation-fixed ablation-no-mpm ablation-layers2 ablation-patches64
+	$(BIN)/python bench/ablation_table.py $(RUNS)/default $(RUNS)/global $(RUNS)/fixed $(RUNS)/no-mpm $(RUNS)/layers2 $(RUNS)/patches64
 	$(BIN)/python bench/rerank_cost.py $(RUNS)/default $(RUNS)/layers2
 
 clean-data:

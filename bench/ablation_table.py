@@ -15,9 +15,9 @@ def fused(g: dict) -> str:
 
 
 def main() -> None:
-    print("| run | features | layers | tasks | loss weights | steps | train min | T2I R@1/5/10 | I2T R@1/5/10 "
+    print("| run | features | patch tokens | layers | tasks | loss weights | steps | train min | T2I R@1/5/10 | I2T R@1/5/10 "
           "| match acc / AUC | gallery R@1: two-tower → reranked (fused) | rerank weight | stage steps |")
-    print("| --- | --- | ---: | --- | --- | ---: | ---: | --- | --- | --- | --- | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | --- | --- | ---: | ---: | --- | --- | --- | --- | ---: | ---: |")
     for run in map(Path, sys.argv[1:]):
         summary = json.loads((run / "summary.json").read_text())
         result = json.loads((run / "eval" / "validation.json").read_text())
@@ -25,7 +25,8 @@ def main() -> None:
         weight = (json.loads((run / "model" / "config.json").read_text()).get("rerank") or {}).get("cross_weight")
         stage = (summary.get("rerank_stage") or {}).get("steps", 0)
         r = lambda d: "/".join(f"{p[d][k]['mean']:.1f}" for k in ("R@1", "R@5", "R@10"))  # noqa: E731
-        print(f"| {run.name} | {cfg['feature_mode']} | {cfg['layers'] or 6} | {'+'.join(cfg['tasks'])} | "
+        tokens = 1 if cfg["feature_mode"] == "global" else 64 // (cfg.get("patch_pool") or 1) ** 2  # runs before it kept 64
+        print(f"| {run.name} | {cfg['feature_mode']} | {tokens} | {cfg['layers'] or 6} | {'+'.join(cfg['tasks'])} | "
               f"{cfg['loss_weighting']} | {summary['steps']} | {summary['training_minutes']:.1f} | {r('t2i')} | {r('i2t')} | "
               f"{m['accuracy']:.1f} / {m['auc']:.3f} | {g['two_tower_t2i']['R@1']:.1f} → {g['reranked_t2i']['R@1']:.1f}"
               f"{fused(g)} | {'—' if weight is None else f'{weight:g}'} | {stage} |")

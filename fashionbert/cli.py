@@ -129,7 +129,7 @@ def cmd_train(args) -> int:
     options = json.loads(open(args.config).read()) if args.config else {}
     if not isinstance(options, dict):
         raise ValueError(f"{args.config}: expected a JSON object of training options")
-    for key in ("feature_mode", "layers", "fusion_layers", "loss_weighting", "epochs", "rerank_steps", "max_minutes",
+    for key in ("feature_mode", "patch_pool", "layers", "fusion_layers", "loss_weighting", "epochs", "rerank_steps", "max_minutes",
                 "rerank_max_minutes", "batch_size", "seed", "device", "backbone", "max_train_products", "precision"):
         value = getattr(args, key)
         if value is not None:
@@ -352,13 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", help="a JSON file of training options, any field of TrainConfig (model/config.py)")
     tr.add_argument("--features", help="the feature cache (default: features/<mode>.h5 beside the catalog directory)")
     tr.add_argument("--feature-mode", dest="feature_mode", choices=["grid", "crop", "global"], help="patch features (default grid)")
+    tr.add_argument("--patch-pool", dest="patch_pool", type=int, choices=[1, 2, 4, 8],
+                    help="average the 8x8 grid of patch features in NxN blocks (default 2: 16 patch tokens; 1 keeps 64)")
     tr.add_argument("--layers", type=int, help="keep the first N transformer layers of the backbone (default: all)")
     tr.add_argument("--fusion-layers", dest="fusion_layers", type=int,
                     help="how many final layers attend across text and patches (default 2; = layers: the paper's full model)")
     tr.add_argument("--loss-weighting", dest="loss_weighting", choices=["adaptive", "released-code", "fixed"],
                     help="adaptive: the paper's solve (default: on one step in four, weights_every); fixed: equal weights")
     tr.add_argument("--no-mpm", action="store_true", help="train without masked patch modelling (ablation)")
-    tr.add_argument("--epochs", type=int, help="passes of the multitask loop over the training products (default 4)")
+    tr.add_argument("--epochs", type=int, help="passes of the multitask loop over the training products (default 5)")
     tr.add_argument("--rerank-steps", dest="rerank_steps", type=int,
                     help="steps of the final rerank stage (default 400; 0 = none)")
     tr.add_argument("--max-minutes", dest="max_minutes", type=float,
