@@ -38,8 +38,8 @@ from fashionbert.runtime.tokenizer import CaptionTokenizer
 from fashionbert.model.losses import step_losses
 from fashionbert.model.optim import param_groups
 
-# The recipe before 2026-12-03: loss weights solved every step, no frozen layers, 8 masked pairs.
-PREVIOUS = {"weights_every": 1, "frozen_layers": 0, "masked_texts": 8}
+# The recipe before 2026-12-03: loss weights solved every step, no frozen layers, 8 masked pairs, 64 patch tokens.
+PREVIOUS = {"weights_every": 1, "frozen_layers": 0, "masked_texts": 8, "patch_pool": 1}
 VARIANTS = {
     "default": {},
     "previous": PREVIOUS,
@@ -52,10 +52,9 @@ VARIANTS = {
     "weights-every-4": {**PREVIOUS, "weights_every": 4},  # the adaptive weights solved on one step in four
     "frozen-2": {**PREVIOUS, "frozen_layers": 2},  # embeddings and 2 lowest layers fixed, captions' states cached
     "masked-4": {**PREVIOUS, "masked_texts": 4},  # half the MLM/MPM pairs
-    "lean": {"weights_every": 4, "frozen_layers": 2, "masked_texts": 4},  # all three: today's default
+    "lean": {"weights_every": 4, "frozen_layers": 2, "masked_texts": 4, "patch_pool": 1},  # all three: the default of 2026-12-03
     "frozen-3": {"frozen_layers": 3},  # the default with 3 of the 4 tower layers fixed
-    "pool-2": {"patch_pool": 2},  # 4x4 patch tokens (the 8x8 grid's 2x2 block means) instead of 64
-    "pool-2-frozen-3": {"patch_pool": 2, "frozen_layers": 3},
+    "patches-64": {"patch_pool": 1},  # the default with all 64 patch tokens (before 2026-12-08) instead of 16
 }
 PARTS = ("forward", "adaptive", "backward", "optimiser")
 

@@ -30,7 +30,7 @@ class TrainConfig:
     # Patch tokens per image: the cached 8x8 grid averaged in patch_pool x patch_pool blocks
     # (model/fashionbert.py FashionBertConfig.patch_pool); 1 keeps all 64. None: 2 (4x4 tokens) for
     # grid and crop features, 1 for one global feature. Every image pass carries a quarter of the
-    # tokens: a training step costs 0.41x (AVX-512) and 0.51x (AVX2) of one with 64
+    # tokens: a training step costs 0.41x (AVX-512, bf16) and 0.51x (AVX2 emulated, fp32) of one with 64
     # (docs/training-budget.md), and the rerank reads 16 patch states an item.
     patch_pool: int | None = None
     backbone: str | None = None  # a local Hugging Face BERT directory; None = the MiniLM package
