@@ -353,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--features", help="the feature cache (default: features/<mode>.h5 beside the catalog directory)")
     tr.add_argument("--feature-mode", dest="feature_mode", choices=["grid", "crop", "global"], help="patch features (default grid)")
     tr.add_argument("--patch-pool", dest="patch_pool", type=int, choices=[1, 2, 4, 8],
-                    help="average the 8x8 grid of patch features in NxN blocks (default 2: 16 patch tokens; 1 keeps 64)")
+                    help="average the 8x8 grid of patch features in NxN blocks: 2 gives 16 patch tokens, 1 keeps 64 "
+                         "(default 2 for grid and crop features, 1 for a global one)")
     tr.add_argument("--layers", type=int, help="keep the first N transformer layers of the backbone (default: all)")
     tr.add_argument("--fusion-layers", dest="fusion_layers", type=int,
                     help="how many final layers attend across text and patches (default 2; = layers: the paper's full model)")
